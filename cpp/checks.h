@@ -1,0 +1,46 @@
+// Input checks shared by every op and backend. Shape/dtype/device checks read
+// no values; the value checks (finite coordinates, consistent splits) read
+// tensors and so synchronise with a GPU: ops run them always, except `sample`
+// where they sit behind its `validate` switch.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+
+namespace overlap_sampler {
+
+// boxes: [R, 4] float16/32/64. Raises TypeError/ValueError naming `name`.
+void check_boxes(const at::Tensor& boxes, const char* name);
+
+// splits: int64 [B+1] on the same device as `like`.
+void check_splits(const at::Tensor& splits, const at::Tensor& like, const char* name);
+
+// Both tensors on one device (named in the message).
+void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                       const char* b_name);
+
+// Optional per-row bool mask with `rows` entries on `like`'s device.
+void check_mask(const std::optional<at::Tensor>& mask, int64_t rows, const at::Tensor& like,
+                const char* name);
+
+// Value checks (synchronise on CUDA).
+void validate_finite(const at::Tensor& values, const char* name);
+void validate_box_order(const at::Tensor& boxes, const char* name);  // x2>=x1, y2>=y1
+void validate_splits(const at::Tensor& splits, int64_t rows, const char* name);
+
+// Every check of one op's arguments, shared by its CPU and CUDA kernels so the
+// two backends reject exactly the same inputs with the same messages.
+void check_box_iou_args(const at::Tensor& boxes1, const at::Tensor& boxes2);
+void check_max_iou_args(const at::Tensor& queries, const at::Tensor& query_splits,
+                        const at::Tensor& keys, const at::Tensor& key_splits,
+                        const std::optional<at::Tensor>& query_mask,
+                        const std::optional<at::Tensor>& key_mask, bool exclude_self);
+void check_assign_bins_args(const at::Tensor& values, const at::Tensor& splits,
+                            const std::optional<at::Tensor>& mask, int64_t num_bins,
+                            std::optional<double> upper);
+void check_weighted_sample_args(const at::Tensor& weights, const at::Tensor& uniforms,
+                                const at::Tensor& splits, const at::Tensor& counts,
+                                int64_t max_count);
+
+}  // namespace overlap_sampler

@@ -1,0 +1,80 @@
+// CPU max-IoU search by an x-sweep: the keys of one image are sorted by x1
+// once; a query then visits only keys whose x-interval can overlap its own
+// (x1 in [q.x1 - widest key, q.x2)), which skips most pairs of a detection
+// batch. Exact: pruned pairs have IoU 0 (see maybe_lowest_zero below).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "sampling_math.h"
+
+namespace overlap_sampler {
+
+template <typename T>
+class OverlapSweep {
+ public:
+  // boxes: 4 values per key; ids: the key's id reported back (any order).
+  void reset(const T* boxes, const int64_t* ids, int64_t count) {
+    order_.resize(count);
+    std::iota(order_.begin(), order_.end(), int64_t{0});
+    std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
+      return boxes[4 * a] < boxes[4 * b] || (boxes[4 * a] == boxes[4 * b] && ids[a] < ids[b]);
+    });
+    sorted_.resize(4 * count);
+    sorted_ids_.resize(count);
+    x1_.resize(count);
+    max_width_ = T(0);
+    lowest_ids_[0] = lowest_ids_[1] = -1;
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t k = order_[r];
+      std::copy(boxes + 4 * k, boxes + 4 * k + 4, sorted_.begin() + 4 * r);
+      sorted_ids_[r] = ids[k];
+      x1_[r] = boxes[4 * k];
+      max_width_ = std::max(max_width_, boxes[4 * k + 2] - boxes[4 * k]);
+      insert_lowest(ids[k]);
+    }
+  }
+
+  int64_t size() const { return static_cast<int64_t>(sorted_ids_.size()); }
+
+  // Max IoU of `query` with every key whose id != skip_id; lowest id on ties;
+  // (0, -1) when there is no such key.
+  void query(const T* q, int64_t skip_id, T& best, int64_t& best_id) const {
+    best = T(0);
+    best_id = -1;
+    const auto first = std::lower_bound(x1_.begin(), x1_.end(), q[0] - max_width_);
+    const auto last = std::lower_bound(first, x1_.end(), q[2]);
+    for (auto it = first; it != last; ++it) {
+      const int64_t r = it - x1_.begin();
+      if (sorted_ids_[r] == skip_id) continue;
+      const T iou = box_iou_pair(q, sorted_.data() + 4 * r);
+      if (iou > T(0)) update_max(iou, sorted_ids_[r], best, best_id);
+    }
+    if (best_id < 0) {
+      // Every eligible key has IoU 0: the lowest id is the argmax.
+      best_id = lowest_ids_[0] != skip_id ? lowest_ids_[0] : lowest_ids_[1];
+    }
+  }
+
+ private:
+  void insert_lowest(int64_t id) {
+    if (lowest_ids_[0] < 0 || id < lowest_ids_[0]) {
+      lowest_ids_[1] = lowest_ids_[0];
+      lowest_ids_[0] = id;
+    } else if (lowest_ids_[1] < 0 || id < lowest_ids_[1]) {
+      lowest_ids_[1] = id;
+    }
+  }
+
+  std::vector<int64_t> order_;
+  std::vector<T> sorted_;
+  std::vector<int64_t> sorted_ids_;
+  std::vector<T> x1_;
+  T max_width_ = T(0);
+  int64_t lowest_ids_[2] = {-1, -1};
+};
+
+}  // namespace overlap_sampler
