@@ -94,12 +94,16 @@ int64_t check_sample_inputs(const at::Tensor& proposals, const at::Tensor& propo
                     "] (one per proposal, plus one per GT box with append_gt), got ",
                     uniforms.sizes());
   check_same_device(uniforms, "uniforms", proposals, "proposals");
+  // Splits index memory, so the CPU checks them always (it costs no sync);
+  // the CUDA kernel clamps them when validate=false instead.
+  if (validate || proposals.is_cpu()) {
+    validate_splits(proposal_splits, proposals.size(0), "proposal_splits");
+    validate_splits(gt_splits, gt_boxes.size(0), "gt_splits");
+  }
   if (validate) {
     validate_finite(proposals, "proposals");
     validate_finite(gt_boxes, "gt_boxes");
     validate_box_order(gt_boxes, "gt_boxes");
-    validate_splits(proposal_splits, proposals.size(0), "proposal_splits");
-    validate_splits(gt_splits, gt_boxes.size(0), "gt_splits");
   }
   return examples;
 }

@@ -19,8 +19,6 @@ Conventions (docs/ops.md):
   float64 here; the kernels keep 62 bits of them, which can only matter for two keys one ulp apart.
 """
 
-from __future__ import annotations
-
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -270,6 +268,10 @@ def max_iou(
                 raise TypeError(f"{name} must be bool, got {mask.dtype}")
             if mask.dim() != 1 or mask.shape[0] != rows:
                 raise ValueError(f"{name} must have shape [{rows}], got {tuple(mask.shape)}")
+
+    for t, name in ((queries, "queries"), (keys, "keys")):
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
 
     acc = _acc_dtype(queries.dtype)
     device = queries.device

@@ -1,0 +1,120 @@
+"""Bad input to `sample` raises a clear error naming the argument; never a crash."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import overlap_sampler
+
+PROPOSALS = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]])
+GT = torch.tensor([[0.0, 0, 10, 10]])
+
+
+def call(**overrides):
+    args = dict(proposals=PROPOSALS, proposal_splits=torch.tensor([0, 3]), gt_boxes=GT,
+                gt_splits=torch.tensor([0, 1]))
+    args.update(overrides)
+    return overlap_sampler.sample(args.pop("proposals"), args.pop("proposal_splits"),
+                                  args.pop("gt_boxes"), args.pop("gt_splits"), **args)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(proposals=torch.rand(3, 5)), ValueError, r"proposals must have shape \[R, 4\]"),
+        (dict(proposals=torch.rand(12)), ValueError, "proposals must have shape"),
+        (dict(gt_boxes=torch.ones(1, 4, dtype=torch.int32)), TypeError, "gt_boxes must be float"),
+        (dict(gt_boxes=GT.double()), TypeError, "proposals and gt_boxes must share a dtype"),
+        (dict(proposals=PROPOSALS.bfloat16()), TypeError, "proposals must be float16, float32 or float64"),
+        (dict(proposals=torch.tensor([[0.0, 0, float("nan"), 1]] * 3)), ValueError, "proposals contains NaN"),
+        (dict(gt_boxes=torch.tensor([[0.0, 0, float("inf"), 1]])), ValueError, "gt_boxes contains NaN"),
+        (dict(gt_boxes=torch.tensor([[10.0, 0, 0, 10]])), ValueError, "gt_boxes has a box with x2 < x1"),
+        (dict(proposal_splits=torch.tensor([0, 2])), ValueError, "proposal_splits must end at the row count 3"),
+        (dict(proposal_splits=torch.tensor([1, 3])), ValueError, "proposal_splits must start at 0"),
+        (dict(proposal_splits=torch.tensor([0, 3, 2, 3]), gt_splits=torch.tensor([0, 1, 1, 1])),
+         ValueError, "proposal_splits must be non-decreasing"),
+        (dict(gt_splits=torch.tensor([0, 0, 1])), ValueError, "describe the same number of images"),
+        (dict(gt_splits=torch.tensor([0, 1], dtype=torch.int32)), TypeError, "gt_splits must be int64"),
+        (dict(gt_splits=torch.tensor([[0, 1]])), ValueError, "gt_splits must be a 1-D offsets tensor"),
+        (dict(neg_strategy="random"), ValueError, "neg_strategy must be one of"),
+        (dict(pos_strategy="iou_balanced"), ValueError, "pos_strategy 'iou_balanced' is defined for negatives"),
+        (dict(num_bins=0), ValueError, "num_bins must be in"),
+        (dict(num_bins=1000), ValueError, "num_bins must be in"),
+        (dict(positive_fraction=1.5), ValueError, "positive_fraction must be in"),
+        (dict(positive_fraction=-0.1), ValueError, "positive_fraction must be in"),
+        (dict(fg_iou_thresh=2.0), ValueError, "fg_iou_thresh must be in"),
+        (dict(bg_iou_thresh=0.7, fg_iou_thresh=0.5), ValueError, "bg_iou_thresh .* must not exceed"),
+        (dict(batch_size_per_image=-1), ValueError, "batch_size_per_image must be >= 0"),
+        (dict(bin_upper=0.0), ValueError, "bin_upper must be a positive"),
+        (dict(pos_weight=float("nan")), ValueError, "pos_weight must be a finite"),
+        (dict(pos_key="everything"), ValueError, "pos_key must be"),
+        (dict(hard_thresh=float("inf")), ValueError, "hard_thresh must be finite"),
+    ],
+)
+def test_bad_input_names_the_argument(overrides, error, match):
+    with pytest.raises(error, match=match):
+        call(**overrides)
+
+
+def test_validate_false_skips_value_checks_only():
+    with pytest.raises(ValueError, match="proposals must have shape"):
+        call(proposals=torch.rand(3, 5), validate=False)
+    # NaN coordinates pass unchecked but still never crash or read out of bounds.
+    result = call(proposals=torch.tensor([[0.0, 0, float("nan"), 1]] * 3), validate=False)
+    assert result.indices.shape == (1, 512)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixed_devices():
+    with pytest.raises(ValueError, match="on one device"):
+        call(gt_boxes=GT.cuda())
+
+
+def test_nastiest_inputs_never_crash_the_process():
+    """Each case runs in one child process: a segfault or abort would show up as a
+    non-zero return code; every case must end in a Python exception or a result."""
+    script = textwrap.dedent(
+        """
+        import torch, overlap_sampler as o
+        ops = torch.ops.overlap_sampler
+        big = torch.tensor([[0.0, 0, 1e38, 1e38], [-1e38, -1e38, 1e38, 1e38]])
+        cases = [
+            lambda: ops.sample(big, torch.tensor([0, 2]), big[:1], torch.tensor([0, 1])),
+            lambda: ops.sample(torch.zeros(0, 4), torch.tensor([0]), torch.zeros(0, 4), torch.tensor([0])),
+            lambda: ops.sample(torch.zeros(4, 4), torch.tensor([0, 9]), torch.zeros(0, 4), torch.tensor([0, 0]),
+                               validate=False),
+            lambda: ops.sample(torch.zeros(4, 4), torch.tensor([0, -5]), torch.zeros(0, 4), torch.tensor([0, 0])),
+            lambda: ops.sample_from_uniforms(torch.rand(4, 4), torch.tensor([0, 4]), torch.rand(1, 4),
+                                             torch.tensor([0, 1]), torch.rand(2, dtype=torch.float64)),
+            lambda: ops.max_iou(torch.rand(4, 4), torch.tensor([0, 7]), torch.rand(2, 4), torch.tensor([0, 2])),
+            lambda: ops.max_iou(torch.rand(4, 4), torch.tensor([0, 4]), torch.rand(2, 4), torch.tensor([3, 2])),
+            lambda: ops.weighted_sample(torch.rand(4), torch.rand(4), torch.tensor([0, 9]), torch.tensor([2]), 2),
+            lambda: ops.weighted_sample(torch.rand(4), torch.rand(4), torch.tensor([0, 4]), torch.tensor([-3]), 2),
+            lambda: ops.weighted_sample(torch.rand(4), torch.rand(4), torch.tensor([0, 4]), torch.tensor([3]), -1),
+            lambda: ops.assign_bins(torch.rand(4), torch.tensor([0, 2, 1, 4]), num_bins=3),
+            lambda: ops.box_iou(torch.rand(0, 4), torch.rand(0, 4)),
+            lambda: ops.sample(torch.rand(3, 4).expand(3, 4).t().contiguous().t(), torch.tensor([0, 3]),
+                               torch.rand(2, 4)[:, [0, 1, 2, 3]], torch.tensor([0, 2])),
+            lambda: ops.sample(torch.rand(6, 8)[:, ::2], torch.tensor([0, 6]), torch.rand(2, 8)[:, ::2],
+                               torch.tensor([0, 2]), validate=False),
+        ]
+        outcomes = []
+        for case in cases:
+            try:
+                case()
+                outcomes.append("ok")
+            except (ValueError, TypeError, RuntimeError, IndexError) as error:
+                outcomes.append(type(error).__name__)
+        print(outcomes)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcomes = eval(done.stdout.strip().splitlines()[-1])
+    assert len(outcomes) == 14
+    # Splits index memory: on the CPU they are checked even with validate=False.
+    assert outcomes[2:5] == ["ValueError"] * 3
+    assert outcomes[5:11] == ["ValueError"] * 6
