@@ -121,22 +121,20 @@ def assert_fits(observed: dict, expected_p: dict, total: int):
     assert not impossible, f"drew sequences of probability 0: {impossible}"
     assert math.isclose(sum(expected_p.values()), 1.0, rel_tol=1e-9)
     cells = sorted(expected_p, key=lambda c: expected_p[c])
-    f_obs = [observed.get(c, 0) for c in cells]
-    f_exp = [expected_p[c] * total for c in cells]
+    pairs = [[expected_p[c] * total, observed.get(c, 0)] for c in cells]
     # pool the rarest cells until each has an expected count >= 5 (chi-square validity)
-    while len(f_exp) > 1 and f_exp[0] < 5:
-        f_exp[1] += f_exp.pop(0)
-        f_obs[1] += f_obs.pop(0)
-        cells = [(cells[0], cells[1])] + cells[2:] if len(cells) > 1 else cells
-        order = sorted(range(len(f_exp)), key=lambda i: f_exp[i])
-        f_exp = [f_exp[i] for i in order]
-        f_obs = [f_obs[i] for i in order]
-        cells = [cells[i] for i in order]
+    while len(pairs) > 1 and pairs[0][0] < 5:
+        rarest = pairs.pop(0)
+        pairs[0][0] += rarest[0]
+        pairs[0][1] += rarest[1]
+        pairs.sort(key=lambda e: e[0])
+    f_exp = [e for e, _ in pairs]
+    f_obs = [o for _, o in pairs]
     if len(f_exp) == 1:
         assert f_obs == [total]
         return
     p = stats.chisquare(f_obs, f_exp).pvalue
-    assert p > ALPHA, f"chi-square p = {p:.2e}; observed {dict(zip(cells, f_obs))}"
+    assert p > ALPHA, f"chi-square p = {p:.2e}; observed {observed}, expected {expected_p}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -508,8 +508,8 @@ def sample_from_uniforms(
     1. examples: its proposals, then (``append_gt``) copies of its GT boxes. Global example id: proposal row
        ``ps[b] + e``; GT copy ``N + gs[b] + j``. ``uniforms[id]`` is the example's uniform.
     2. matching: IoU_g,e = max IoU with the image's GT boxes, ``matched`` = its GT row (lowest on ties; -1 without
-       GT). A GT copy is matched to its own row and is positive. Positive: GT copy or IoU_g,e >= fg_iou_thresh;
-       else negative if IoU_g,e < bg_iou_thresh; else ignored.
+       GT). A GT copy is matched to its own row and is positive. Positive: GT copy or IoU_g,e >= fg_iou_thresh
+       (the latter needs a GT in the image); else negative if IoU_g,e < bg_iou_thresh; else ignored.
     3. keys: a negative's key is IoU_p,n = max IoU with every positive of the image (``iou_balanced``: IoU_g,n);
        a positive's key is its max IoU with every negative (``pos_key="all"``: with every other example);
        0 when there is none. Computed in the boxes' accumulate dtype, then float64.
@@ -609,7 +609,9 @@ def sample_from_uniforms(
         if append_gt:
             matched[n_b:] = torch.arange(g0, g1, device=device)
         iou_g64 = iou_g.to(torch.float64)  # thresholds are doubles: compare as the kernels do
-        positive = is_gt | (iou_g64 >= fg_iou_thresh)
+        # A proposal is positive only with a GT to match (algorithm.md: an image without GT has only negatives;
+        # this matters only for fg_iou_thresh == 0, where IoU 0 >= fg would otherwise make GT-less positives).
+        positive = is_gt | ((iou_g64 >= fg_iou_thresh) & (matched >= 0))
         negative = ~positive & (iou_g64 < bg_iou_thresh)
         pos = torch.nonzero(positive).squeeze(1)
         neg = torch.nonzero(negative).squeeze(1)
