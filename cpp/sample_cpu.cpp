@@ -48,11 +48,16 @@ class ImageSampler {
     const int64_t qn = std::min<int64_t>(o_.batch_size_per_image - qp,
                                          static_cast<int64_t>(neg_.size()));
     std::fill(selected_.begin(), selected_.end(), char(0));
-    if (qn > 0) {
+    // A class that fits its quota is taken whole: no keys needed.
+    if (qn == static_cast<int64_t>(neg_.size())) {
+      for (const int64_t e : neg_) selected_[e] = 1;
+    } else if (qn > 0) {
       compute_negative_keys();
       select(neg_, o_.neg_strategy, qn);
     }
-    if (qp > 0) {
+    if (qp == static_cast<int64_t>(pos_.size())) {
+      for (const int64_t e : pos_) selected_[e] = 1;
+    } else if (qp > 0) {
       compute_positive_keys();
       select(pos_, o_.pos_strategy, qp);
     }

@@ -1,0 +1,184 @@
+"""Whole-batch `sample` against the per-image plain-PyTorch way and torchvision's
+random sampling path, side by side in one run, reported as ratios.
+
+    python benchmarks/bench_ops.py                 # CPU, writes benchmarks/results/<device>.md/.json
+    python benchmarks/bench_ops.py --device cuda   # GPU: CUDA-event timings and kernel launches
+
+The default batch follows kernels.md: B=16 images x 2000 proposals x 20 GT,
+512 examples per image, soft negatives (K=2), a third of the proposals
+jittered around GT boxes. Then scaling in N (proposals per image) and B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torchvision.models.detection import _utils as det_utils
+from torchvision.ops import boxes as box_ops
+from tqdm import tqdm
+
+import overlap_sampler
+from overlap_sampler import reference
+from overlap_sampler.testing import make_batch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def torchvision_random_path(proposals, ps, gt, gs, matcher, sampler):
+    """What torchvision's RoIHeads.select_training_samples does: per image, append
+    the GT boxes, match by IoU, then BalancedPositiveNegativeSampler."""
+    labels, proposal_list = [], []
+    for b in range(ps.numel() - 1):
+        boxes = proposals[ps[b]:ps[b + 1]]
+        targets = gt[gs[b]:gs[b + 1]]
+        boxes = torch.cat([boxes, targets])
+        proposal_list.append(boxes)
+        if targets.numel() == 0:
+            labels.append(torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device))
+            continue
+        matched = matcher(box_ops.box_iou(targets, boxes))
+        image_labels = torch.ones_like(matched)
+        image_labels[matched == matcher.BELOW_LOW_THRESHOLD] = 0
+        image_labels[matched == matcher.BETWEEN_THRESHOLDS] = -1
+        labels.append(image_labels)
+    sampled_pos, sampled_neg = sampler(labels)
+    return [torch.where(p | n)[0] for p, n in zip(sampled_pos, sampled_neg)]
+
+
+def time_call(fn, device, repeats, warmup=2):
+    """Median seconds per call; CUDA events on a GPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def count_kernel_launches(fn):
+    """CUDA kernels launched by one call, from the torch profiler."""
+    fn()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def measure(images, proposals_per_image, gt_per_image, device, repeats, with_reference=True):
+    batch = make_batch([proposals_per_image] * images, [gt_per_image] * images, seed=0,
+                       device=device, crowded_fraction=1 / 3, canvas=1000.0)
+    options = dict(batch_size_per_image=512, positive_fraction=0.25, neg_strategy="soft", num_bins=2)
+    generator = torch.Generator(device).manual_seed(0)
+    matcher = det_utils.Matcher(0.5, 0.5, allow_low_quality_matches=False)
+    sampler = det_utils.BalancedPositiveNegativeSampler(512, 0.25)
+    calls = {
+        "overlap_sampler.sample": lambda: overlap_sampler.sample(*batch, generator=generator,
+                                                                 validate=False, **options),
+        "torchvision random path": lambda: torchvision_random_path(*batch, matcher, sampler),
+    }
+    if with_reference:
+        calls["per-image PyTorch (reference)"] = lambda: reference.sample(*batch, generator=generator,
+                                                                           **options)
+    row = {"B": images, "N": proposals_per_image, "G": gt_per_image}
+    for name, fn in calls.items():
+        row[name] = time_call(fn, device, repeats)
+    if device.type == "cuda":
+        row["launches"] = count_kernel_launches(calls["overlap_sampler.sample"])
+    return row
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu-{torch.get_num_threads()}threads-{cpu.replace(' ', '-').replace('(R)', '')}"
+
+
+def format_ms(seconds):
+    return f"{seconds * 1e3:.2f}" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def to_markdown(title, rows):
+    ours = "overlap_sampler.sample"
+    lines = [f"### {title}", "",
+             "| B | N | G | sample (ms) | torchvision random (ms) | per-image PyTorch (ms) | "
+             "vs per-image | vs torchvision |" + (" launches |" if "launches" in rows[0] else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if "launches" in rows[0] else "")]
+    for r in rows:
+        ref = r.get("per-image PyTorch (reference)")
+        cells = [r["B"], r["N"], r["G"], format_ms(r[ours]), format_ms(r["torchvision random path"]),
+                 format_ms(ref) if ref else "—", f"{ref / r[ours]:.1f}x" if ref else "—",
+                 f"{r['torchvision random path'] / r[ours]:.2f}x"]
+        if "launches" in r:
+            cells.append(r["launches"])
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, fewer repeats")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    repeats = 3 if args.quick else args.repeats
+
+    sections = {"main": [(16, 2000, 20)],
+                "scaling in N (B=4, G=20)": [(4, n, 20) for n in (500, 2000, 10000, 30000, 100000)],
+                "scaling in B (N=2000, G=20)": [(b, 2000, 20) for b in (1, 4, 16, 64)]}
+    if args.quick:
+        sections = {"main": [(16, 2000, 20)], "scaling in N (B=4, G=20)": [(4, n, 20) for n in (500, 10000)]}
+    results = {"device": device_name(device), "torch": torch.__version__,
+               "build": overlap_sampler.build_info, "threads": torch.get_num_threads(), "sections": {}}
+    jobs = [(title, size) for title, sizes in sections.items() for size in sizes]
+    for title, (b, n, g) in tqdm(jobs, desc="benchmark", unit="size"):
+        # The per-image reference builds P x N IoU matrices: skip it where that is minutes.
+        with_reference = n * b <= 200_000
+        row = measure(b, n, g, device, repeats if n <= 10000 else 3, with_reference)
+        results["sections"].setdefault(title, []).append(row)
+
+    report = [f"# overlap_sampler benchmark on {results['device']}", "",
+              f"torch {results['torch']}, {results['threads']} threads, median of {repeats} calls "
+              f"after warm-up, soft negatives (K=2), 512 per image. Ratios are speed-ups of "
+              f"`overlap_sampler.sample` (>1 = faster), measured side by side in one run.", ""]
+    for title, rows in results["sections"].items():
+        report.append(to_markdown(title, rows))
+    text = "\n".join(report)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / results["device"]
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    stem.with_suffix(".md").write_text(text)
+    print(f"written: {stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()

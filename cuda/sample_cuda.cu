@@ -1,0 +1,616 @@
+// sample_from_uniforms on CUDA: the whole batch in three launches (two when
+// neither strategy reads an overlap key) and no host synchronisation, so with
+// validate=false it can be captured in a CUDA graph.
+//
+//   1. match_kernel, one thread per example: IoU_g,e, matched GT and label;
+//      also widens the boxes to acc_t in "image-major" order (below).
+//   2. overlap_key_kernel, kThreads examples per block: IoU_p,n of negatives
+//      and the key of positives, streaming the image's examples through shared
+//      memory in tiles (only the class each thread reduces over is visited).
+//   3. select_kernel, one block per image: class counts and key ranges, bin
+//      counts, water-filling, sampling keys, the per-segment top-k by block
+//      radix select, the epsilon weights and the ordered compaction into the
+//      output row (every element written, padding included).
+//
+// Image-major order: image b owns positions [start(b), start(b+1)) with
+// start(b) = proposal_splits[b] (+ gt_splits[b] with append_gt); its local
+// example e is proposal row ps[b] + e for e < n_prop, then GT copy
+// gs[b] + (e - n_prop). Ascending e is ascending global example id, so ties
+// broken by the lower e are ties broken by the lower example id.
+//
+// The semantics and every tie-break are those of docs/ops.md and of the CPU
+// kernel (cpp/sample_cpu.cpp); per-element arithmetic comes from
+// sampling_math.h, so the two backends produce identical outputs.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cuda_utils.cuh"
+#include "sample_options.h"
+#include "sampling_math.h"
+
+namespace overlap_sampler {
+namespace {
+
+using gpu::kThreads;
+
+constexpr int kPos = 0;  // class index of positives in per-class arrays
+constexpr int kNeg = 1;  // ... and of negatives
+
+// Where a class's selection key comes from.
+constexpr int kKeyNone = 0;     // uniform: the key is never read
+constexpr int kKeyOverlap = 1;  // IoU_p,n / positive key, from overlap_key_kernel
+constexpr int kKeyIouGt = 2;    // iou_balanced: IoU_g,n, from match_kernel
+
+// What an example's overlap key is the max over (overlap_key_kernel).
+constexpr int kOverNothing = 0;
+constexpr int kOverPositives = 1;
+constexpr int kOverNegatives = 2;
+constexpr int kOverAllOthers = 3;
+
+// Positive segments (K bins or 1) then negative ones.
+constexpr int kMaxSegments = 2 * kMaxBins;
+// Segments resolved per pass over an image's examples (16 KB of histograms).
+constexpr int kGroup = 16;
+
+struct ImageLayout {
+  const int64_t* proposal_splits;
+  const int64_t* gt_splits;
+  int64_t num_images;
+  int64_t num_proposals;
+  bool append_gt;
+
+  __device__ __forceinline__ int64_t start(int64_t b) const {
+    return proposal_splits[b] + (append_gt ? gt_splits[b] : 0);
+  }
+  __device__ __forceinline__ int64_t image_of(int64_t x) const {
+    return gpu::find_item([this](int64_t b) { return start(b); }, num_images, x);
+  }
+};
+
+__device__ __forceinline__ int class_of(int8_t label) {
+  return label == kPositive ? kPos : (label == kNegative ? kNeg : -1);
+}
+
+// ---------------------------------------------------------------------------
+// 1. Matching.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    match_kernel(ImageLayout layout, int64_t num_examples, const scalar_t* __restrict__ proposals,
+                 const scalar_t* __restrict__ gt_boxes, at::opmath_type<scalar_t> fg_thresh,
+                 at::opmath_type<scalar_t> bg_thresh, at::opmath_type<scalar_t>* __restrict__ boxes,
+                 int8_t* __restrict__ label, int64_t* __restrict__ matched,
+                 at::opmath_type<scalar_t>* __restrict__ iou_gt) {
+  using acc_t = at::opmath_type<scalar_t>;
+  OS_GRID_STRIDE_LOOP(x, num_examples) {
+    const int64_t b = layout.image_of(x);
+    const int64_t p0 = layout.proposal_splits[b];
+    const int64_t n_prop = layout.proposal_splits[b + 1] - p0;
+    const int64_t g0 = layout.gt_splits[b];
+    const int64_t g1 = layout.gt_splits[b + 1];
+    const int64_t e = x - layout.start(b);
+    const bool is_copy = e >= n_prop;
+    const scalar_t* src = is_copy ? gt_boxes + 4 * (g0 + (e - n_prop)) : proposals + 4 * (p0 + e);
+    acc_t box[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) box[k] = static_cast<acc_t>(src[k]);
+    acc_t best = acc_t(0);
+    int64_t best_gt = -1;
+    if (is_copy) {
+      // A GT copy is matched to its own row (even if another GT is identical).
+      best = box_iou_pair(box, box);
+      best_gt = g0 + (e - n_prop);
+    } else {
+      for (int64_t g = g0; g < g1; ++g) {
+        acc_t gt[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) gt[k] = static_cast<acc_t>(gt_boxes[4 * g + k]);
+        update_max(box_iou_pair(box, gt), g, best, best_gt);
+      }
+    }
+    // Thresholds compared in acc_t, as the CPU kernel; no GT -> never positive.
+    int8_t l = kIgnored;
+    if (is_copy || (best_gt >= 0 && best >= fg_thresh)) {
+      l = kPositive;
+    } else if (best < bg_thresh) {
+      l = kNegative;
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) boxes[4 * x + k] = box[k];
+    label[x] = l;
+    matched[x] = best_gt;
+    iou_gt[x] = best;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 2. Overlap keys: for each example that needs one, the max IoU with the
+// image's examples of the other class (or with all others). Max is exact, so
+// the order in which tiles and their members are visited does not matter.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    overlap_key_kernel(ImageLayout layout, int64_t num_examples, const acc_t* __restrict__ boxes,
+                       const int8_t* __restrict__ label, bool negative_keys, bool positive_keys,
+                       bool positive_key_all, double* __restrict__ overlap_key) {
+  __shared__ acc_t tile_box[kThreads][4];
+  __shared__ int tile_members[2][kThreads];  // slots of the tile's positives / negatives
+  __shared__ int tile_counts[2];
+
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads; first < num_examples;
+       first += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t last = min(first + kThreads, num_examples) - 1;
+    const int64_t x = first + threadIdx.x;
+    const bool valid = x < num_examples;
+    const int64_t b_first = layout.image_of(first);
+    const int64_t b_last = layout.image_of(last);
+    const int64_t my_image = valid ? layout.image_of(x) : -1;
+    const int8_t my_label = valid ? label[x] : kIgnored;
+    int over = kOverNothing;
+    if (my_label == kNegative && negative_keys) {
+      over = kOverPositives;
+    } else if (my_label == kPositive && positive_keys) {
+      over = positive_key_all ? kOverAllOthers : kOverNegatives;
+    }
+    acc_t box[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    if (over != kOverNothing) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) box[k] = boxes[4 * x + k];
+    }
+    acc_t best = acc_t(0);  // "0 if none", as the CPU's sweep
+    for (int64_t b = b_first; b <= b_last; ++b) {
+      const bool mine = over != kOverNothing && my_image == b;
+      // Block-uniform skip; the barrier also retires the last tile's readers.
+      if (!__syncthreads_or(mine)) continue;
+      const int64_t x0 = layout.start(b);
+      const int64_t x1 = layout.start(b + 1);
+      for (int64_t t0 = x0; t0 < x1; t0 += kThreads) {
+        if (threadIdx.x < 2) tile_counts[threadIdx.x] = 0;
+        __syncthreads();
+        const int64_t y = t0 + threadIdx.x;
+        if (y < x1) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) tile_box[threadIdx.x][k] = boxes[4 * y + k];
+          const int c = class_of(label[y]);
+          if (c >= 0) tile_members[c][atomicAdd(&tile_counts[c], 1)] = threadIdx.x;
+        }
+        __syncthreads();
+        if (mine) {
+          if (over == kOverAllOthers) {
+            const int count = x1 - t0 < kThreads ? static_cast<int>(x1 - t0) : kThreads;
+            for (int s = 0; s < count; ++s) {
+              if (t0 + s == x) continue;  // itself excluded
+              const acc_t iou = box_iou_pair(box, tile_box[s]);
+              best = iou > best ? iou : best;
+            }
+          } else {
+            const int c = over == kOverPositives ? kPos : kNeg;
+            const int count = tile_counts[c];
+            for (int s = 0; s < count; ++s) {
+              const acc_t iou = box_iou_pair(box, tile_box[tile_members[c][s]]);
+              best = iou > best ? iou : best;
+            }
+          }
+        }
+        __syncthreads();
+      }
+    }
+    // Computed in acc_t, then converted to double (docs/ops.md, step 3).
+    if (over != kOverNothing) overlap_key[x] = static_cast<double>(best);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 3. Selection and output, one block per image.
+struct SelectParams {
+  int64_t batch_size;
+  int64_t positive_quota;
+  int32_t strategy[2];    // [kPos], [kNeg]
+  int32_t key_source[2];  // kKeyNone / kKeyOverlap / kKeyIouGt
+  int32_t num_bins;
+  double hard_thresh;
+  bool fixed_upper;
+  double bin_upper;
+  double bg_iou_thresh;
+  bool epsilon;  // pos_weight != 1: find each GT's best sampled proposal
+  float pos_weight;
+};
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) select_kernel(
+    ImageLayout layout, SelectParams p, const double* __restrict__ uniforms,
+    const int8_t* __restrict__ label, const int64_t* __restrict__ matched,
+    const acc_t* __restrict__ iou_gt, const double* __restrict__ overlap_key,
+    // Workspaces written and re-read inside the block (no __restrict__/const:
+    // they must not go through the read-only cache).
+    unsigned long long* sampling_keys, int16_t* segment, unsigned long long* gt_best_iou,
+    unsigned long long* gt_best_example,
+    // Outputs: [B, batch_size] x 3, [B] x 2.
+    int64_t* __restrict__ out_indices, int64_t* __restrict__ out_matched,
+    float* __restrict__ out_weights, int64_t* __restrict__ out_num_pos,
+    int64_t* __restrict__ out_num_neg) {
+  __shared__ gpu::TopKState<kMaxSegments> state;
+  __shared__ unsigned int hist[kGroup * 256];
+  __shared__ unsigned long long bin_count[2 * kMaxBins];  // [class][bin]
+  __shared__ long long count_scratch[gpu::kWarps];
+  __shared__ double key_scratch[gpu::kWarps];
+  __shared__ unsigned long long scan_scratch[gpu::kWarps];
+
+  const int K = p.num_bins;
+  for (int64_t b = blockIdx.x; b < layout.num_images; b += gridDim.x) {
+    __syncthreads();  // the previous image's readers of shared state are done
+    const int64_t p0 = layout.proposal_splits[b];
+    const int64_t n_prop = layout.proposal_splits[b + 1] - p0;
+    const int64_t g0 = layout.gt_splits[b];
+    const int64_t g1 = layout.gt_splits[b + 1];
+    const int64_t x0 = layout.start(b);
+    const int64_t n = layout.start(b + 1) - x0;
+    const auto example_id = [&](int64_t e) {
+      return e < n_prop ? p0 + e : layout.num_proposals + g0 + (e - n_prop);
+    };
+    const auto class_key = [&](int c, int64_t x) -> double {
+      const int source = p.key_source[c];
+      if (source == kKeyOverlap) return overlap_key[x];
+      if (source == kKeyIouGt) return static_cast<double>(iou_gt[x]);
+      return 0.0;
+    };
+
+    const bool epsilon = p.epsilon && g1 > g0;
+    if (epsilon) {
+      for (int64_t g = g0 + threadIdx.x; g < g1; g += kThreads) {
+        gt_best_iou[g] = 0ull;  // bits of +0.0; IoUs are >= +0.0
+        gt_best_example[g] = ~0ull;
+      }
+    }
+
+    // Class sizes and key ranges.
+    long long count_pos = 0, count_neg = 0;
+    double max_pos = -INFINITY, max_neg = -INFINITY, min_pos = INFINITY, min_neg = INFINITY;
+    for (int64_t e = threadIdx.x; e < n; e += kThreads) {
+      const int c = class_of(label[x0 + e]);
+      if (c == kPos) {
+        const double k = class_key(kPos, x0 + e);
+        count_pos += 1;
+        max_pos = gpu::MaxOp()(max_pos, k);
+        min_pos = gpu::MinOp()(min_pos, k);
+      } else if (c == kNeg) {
+        const double k = class_key(kNeg, x0 + e);
+        count_neg += 1;
+        max_neg = gpu::MaxOp()(max_neg, k);
+        min_neg = gpu::MinOp()(min_neg, k);
+      }
+    }
+    const long long class_count[2] = {
+        gpu::block_all_reduce(count_pos, gpu::SumOp(), count_scratch),
+        gpu::block_all_reduce(count_neg, gpu::SumOp(), count_scratch)};
+    const double key_max[2] = {gpu::block_all_reduce(max_pos, gpu::MaxOp(), key_scratch),
+                               gpu::block_all_reduce(max_neg, gpu::MaxOp(), key_scratch)};
+    const double key_min[2] = {gpu::block_all_reduce(min_pos, gpu::MinOp(), key_scratch),
+                               gpu::block_all_reduce(min_neg, gpu::MinOp(), key_scratch)};
+
+    // Quotas (docs/ops.md step 4).
+    const long long qp = class_count[kPos] < p.positive_quota ? class_count[kPos]
+                                                              : p.positive_quota;
+    const long long neg_room = p.batch_size - qp;
+    const long long qn = class_count[kNeg] < neg_room ? class_count[kNeg] : neg_room;
+    const long long quota[2] = {qp, qn};
+
+    // Binning of each class, as the CPU's select(): soft / iou_balanced bin
+    // over [0, U] for their quotas; soft_reference over [min, max] for weights.
+    bool binned[2];
+    bool quota_bins[2];
+    double bin_lo[2], bin_hi[2];
+    int seg_base[2], seg_count[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int s = p.strategy[c];
+      quota_bins[c] = uses_bin_quotas(s);
+      binned[c] = quota[c] > 0 && (quota_bins[c] || s == kSoftReference);
+      if (quota_bins[c]) {
+        bin_lo[c] = 0.0;
+        bin_hi[c] = p.fixed_upper ? p.bin_upper
+                                  : (s == kIouBalanced ? p.bg_iou_thresh
+                                                       : gpu::MaxOp()(0.0, key_max[c]));
+      } else {
+        bin_lo[c] = key_min[c];
+        bin_hi[c] = key_max[c];
+      }
+      seg_count[c] = quota_bins[c] ? K : 1;
+    }
+    seg_base[kPos] = 0;
+    seg_base[kNeg] = seg_count[kPos];
+    const int num_segments = seg_count[kPos] + seg_count[kNeg];
+
+    // Bin counts.
+    if (binned[kPos] || binned[kNeg]) {  // block-uniform
+      for (int j = threadIdx.x; j < 2 * kMaxBins; j += kThreads) bin_count[j] = 0ull;
+      __syncthreads();
+      for (int64_t base = 0; base < n; base += kThreads) {
+        const int64_t e = base + threadIdx.x;
+        int code = -1;
+        if (e < n) {
+          const int c = class_of(label[x0 + e]);
+          if (c >= 0 && binned[c]) {
+            code = c * kMaxBins + bin_index(class_key(c, x0 + e), bin_lo[c], bin_hi[c], K);
+          }
+        }
+        gpu::warp_aggregated_increment(bin_count, code);
+      }
+      __syncthreads();
+    }
+
+    // Segments: per-bin takes by water-filling, or one segment per class.
+    if (threadIdx.x == 0) {
+      for (int c = 0; c < 2; ++c) {
+        if (quota_bins[c]) {
+          int64_t counts[kMaxBins];
+          int64_t take[kMaxBins];
+          for (int k = 0; k < K; ++k) {
+            counts[k] = binned[c] ? static_cast<int64_t>(bin_count[c * kMaxBins + k]) : 0;
+            take[k] = 0;
+          }
+          if (quota[c] > 0) water_fill(counts, K, quota[c], take);
+          for (int k = 0; k < K; ++k) gpu::topk_init(state, seg_base[c] + k, take[k], counts[k]);
+        } else {
+          gpu::topk_init(state, seg_base[c], quota[c], class_count[c]);
+        }
+      }
+    }
+    __syncthreads();
+    int64_t nonempty[2] = {0, 0};  // soft_reference: non-empty bins
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      if (binned[c] && !quota_bins[c]) {
+        for (int k = 0; k < K; ++k) nonempty[c] += bin_count[c * kMaxBins + k] > 0 ? 1 : 0;
+      }
+    }
+
+    // Segment of every example, and the sampling key of those in segments
+    // that still have to be resolved.
+    for (int64_t e = threadIdx.x; e < n; e += kThreads) {
+      const int64_t x = x0 + e;
+      const int c = class_of(label[x]);
+      int seg = -1;
+      if (c >= 0 && quota[c] > 0) {
+        const int s = p.strategy[c];
+        const double key = class_key(c, x);
+        const int bin = binned[c] ? bin_index(key, bin_lo[c], bin_hi[c], K) : 0;
+        seg = seg_base[c] + (quota_bins[c] ? bin : 0);
+        if (state.mode[seg] == gpu::kTopKPending) {
+          double weight;
+          if (quota_bins[c]) {
+            weight = 1.0;  // uniform inside a bin
+          } else if (s == kSoftReference) {
+            weight = 1.0 / (static_cast<double>(bin_count[c * kMaxBins + bin]) * nonempty[c]);
+          } else {
+            weight = strategy_weight(s, key, p.hard_thresh, 0.0);
+          }
+          sampling_keys[x] = sampling_key(uniforms[example_id(e)], weight);
+        }
+      }
+      segment[x] = static_cast<int16_t>(seg);
+    }
+
+    const auto seg_of = [&](int64_t e) { return static_cast<int>(segment[x0 + e]); };
+    const auto key_of = [&](int64_t e) { return sampling_keys[x0 + e]; };
+    gpu::block_topk_resolve<kGroup>(n, num_segments, state, hist, seg_of, key_of);
+    const auto selected = [&](int64_t e) {
+      return gpu::topk_selected(state, seg_of(e), e, n, key_of);
+    };
+
+    // Epsilon: per GT, the selected non-copy positive with the largest IoU_g,e,
+    // lowest e on ties: max of the IoU bits (non-negative doubles order like
+    // their bits), then min of e among those holding it.
+    if (epsilon) {  // block-uniform
+      for (int64_t e = threadIdx.x; e < n_prop; e += kThreads) {
+        const int64_t x = x0 + e;
+        const int64_t g = matched[x];
+        if (label[x] == kPositive && g >= 0 && selected(e)) {
+          atomicMax(&gt_best_iou[g], static_cast<unsigned long long>(
+                                         __double_as_longlong(static_cast<double>(iou_gt[x]))));
+        }
+      }
+      __syncthreads();
+      for (int64_t e = threadIdx.x; e < n_prop; e += kThreads) {
+        const int64_t x = x0 + e;
+        const int64_t g = matched[x];
+        if (label[x] == kPositive && g >= 0 && selected(e)) {
+          const unsigned long long bits = static_cast<unsigned long long>(
+              __double_as_longlong(static_cast<double>(iou_gt[x])));
+          if (__ldcg(&gt_best_iou[g]) == bits) {
+            atomicMin(&gt_best_example[g], static_cast<unsigned long long>(e));
+          }
+        }
+      }
+      __syncthreads();
+    }
+
+    // Ordered compaction: positives at [0, qp), negatives at [qp, qp + qn),
+    // each in ascending e; the two ranks travel packed in one scan.
+    const int64_t row = b * p.batch_size;
+    unsigned long long taken_pos = 0, taken_neg = 0;
+    for (int64_t base = 0; base < n; base += kThreads) {
+      const int64_t e = base + threadIdx.x;
+      const int64_t x = x0 + e;
+      bool take_pos = false, take_neg = false;
+      if (e < n) {
+        const int8_t l = label[x];
+        if (l != kIgnored && selected(e)) {
+          take_pos = l == kPositive;
+          take_neg = l == kNegative;
+        }
+      }
+      unsigned long long total;
+      const unsigned long long rank = gpu::block_exclusive_sum(
+          (take_pos ? 1ull : 0ull) | (take_neg ? (1ull << 32) : 0ull), scan_scratch, &total);
+      if (take_pos) {
+        const int64_t col = static_cast<int64_t>(taken_pos + (rank & 0xffffffffull));
+        const int64_t g = matched[x];
+        const bool best = epsilon && e < n_prop && g >= 0 &&
+                          __ldcg(&gt_best_example[g]) == static_cast<unsigned long long>(e);
+        if (col < qp) {
+          out_indices[row + col] = example_id(e);
+          out_matched[row + col] = g;
+          out_weights[row + col] = best ? p.pos_weight : 1.0f;
+        }
+      } else if (take_neg) {
+        const int64_t col = qp + static_cast<int64_t>(taken_neg + (rank >> 32));
+        if (col < qp + qn) {
+          out_indices[row + col] = example_id(e);
+          out_matched[row + col] = -1;
+          out_weights[row + col] = 1.0f;
+        }
+      }
+      taken_pos += total & 0xffffffffull;
+      taken_neg += total >> 32;
+    }
+    for (int64_t col = qp + qn + threadIdx.x; col < p.batch_size; col += kThreads) {
+      out_indices[row + col] = -1;
+      out_matched[row + col] = -1;
+      out_weights[row + col] = 0.0f;
+    }
+    if (threadIdx.x == 0) {
+      out_num_pos[b] = qp;
+      out_num_neg[b] = qn;
+    }
+  }
+}
+
+// Carves one byte buffer into aligned arrays (one allocation per call).
+class Workspace {
+ public:
+  template <typename T>
+  size_t reserve(int64_t count) {
+    const size_t offset = bytes_;
+    bytes_ += (static_cast<size_t>(count) * sizeof(T) + 15) / 16 * 16;
+    return offset;
+  }
+  void allocate(const at::TensorOptions& options) {
+    buffer_ = at::empty({static_cast<int64_t>(bytes_)}, options.dtype(at::kByte));
+  }
+  template <typename T>
+  T* at(size_t offset) {
+    return reinterpret_cast<T*>(buffer_.mutable_data_ptr<uint8_t>() + offset);
+  }
+
+ private:
+  size_t bytes_ = 0;
+  at::Tensor buffer_;
+};
+
+}  // namespace
+
+SampleResult sample_from_uniforms_cuda(
+    const at::Tensor& proposals, const at::Tensor& proposal_splits, const at::Tensor& gt_boxes,
+    const at::Tensor& gt_splits, const at::Tensor& uniforms, int64_t batch_size_per_image,
+    double positive_fraction, double fg_iou_thresh, double bg_iou_thresh, bool append_gt,
+    c10::string_view neg_strategy, c10::string_view pos_strategy, int64_t num_bins,
+    double hard_thresh, std::optional<double> bin_upper, double pos_weight,
+    c10::string_view pos_key, bool validate) {
+  const SampleOptions o = parse_sample_options(
+      batch_size_per_image, positive_fraction, fg_iou_thresh, bg_iou_thresh, append_gt,
+      std::string(neg_strategy), std::string(pos_strategy), num_bins, hard_thresh, bin_upper,
+      pos_weight, std::string(pos_key));
+  const int64_t num_examples = check_sample_inputs(proposals, proposal_splits, gt_boxes,
+                                                   gt_splits, uniforms, append_gt, validate);
+  const c10::cuda::CUDAGuard guard(proposals.device());
+  const int64_t num_images = proposal_splits.size(0) - 1;
+  const int64_t width = o.batch_size_per_image;
+  const auto long_options = proposals.options().dtype(at::kLong);
+  at::Tensor indices = at::empty({num_images, width}, long_options);
+  at::Tensor matched_gt = at::empty({num_images, width}, long_options);
+  at::Tensor weights = at::empty({num_images, width}, proposals.options().dtype(at::kFloat));
+  if (num_images == 0) {
+    return {indices, matched_gt, weights, at::empty({0}, long_options),
+            at::empty({0}, long_options)};
+  }
+  if (width == 0) {  // nothing sampled: only the (zero) counts to write
+    return {indices, matched_gt, weights, at::zeros({num_images}, long_options),
+            at::zeros({num_images}, long_options)};
+  }
+  at::Tensor num_pos = at::empty({num_images}, long_options);
+  at::Tensor num_neg = at::empty({num_images}, long_options);
+
+  const at::Tensor props = proposals.contiguous();
+  const at::Tensor gts = gt_boxes.contiguous();
+  const at::Tensor ps = proposal_splits.contiguous();
+  const at::Tensor gs = gt_splits.contiguous();
+  const at::Tensor u = uniforms.contiguous();
+
+  const bool negative_keys = o.neg_strategy != kUniform && o.neg_strategy != kIouBalanced;
+  const bool positive_keys = o.pos_strategy != kUniform;
+  SelectParams params;
+  params.batch_size = width;
+  params.positive_quota = o.positive_quota;
+  params.strategy[kPos] = o.pos_strategy;
+  params.strategy[kNeg] = o.neg_strategy;
+  params.key_source[kPos] = positive_keys ? kKeyOverlap : kKeyNone;
+  params.key_source[kNeg] = o.neg_strategy == kIouBalanced ? kKeyIouGt
+                            : negative_keys                ? kKeyOverlap
+                                                           : kKeyNone;
+  params.num_bins = o.num_bins;
+  params.hard_thresh = o.hard_thresh;
+  params.fixed_upper = o.fixed_upper;
+  params.bin_upper = o.bin_upper;
+  params.bg_iou_thresh = o.bg_iou_thresh;
+  params.epsilon = o.pos_weight != 1.0;
+  params.pos_weight = static_cast<float>(o.pos_weight);
+
+  const ImageLayout layout{ps.const_data_ptr<int64_t>(), gs.const_data_ptr<int64_t>(), num_images,
+                           props.size(0), append_gt};
+  const int64_t num_gt = gts.size(0);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND_HALF(props.scalar_type(), "sample_from_uniforms_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Workspace ws;
+    const size_t matched_at = ws.reserve<int64_t>(num_examples);
+    const size_t overlap_key_at = ws.reserve<double>(num_examples);
+    const size_t sampling_keys_at = ws.reserve<unsigned long long>(num_examples);
+    const size_t gt_best_iou_at = ws.reserve<unsigned long long>(num_gt);
+    const size_t gt_best_example_at = ws.reserve<unsigned long long>(num_gt);
+    const size_t boxes_at = ws.reserve<acc_t>(4 * num_examples);
+    const size_t iou_gt_at = ws.reserve<acc_t>(num_examples);
+    const size_t segment_at = ws.reserve<int16_t>(num_examples);
+    const size_t label_at = ws.reserve<int8_t>(num_examples);
+    ws.allocate(props.options());
+
+    if (num_examples > 0) {
+      match_kernel<scalar_t><<<gpu::grid_blocks(num_examples), kThreads, 0, stream>>>(
+          layout, num_examples, props.const_data_ptr<scalar_t>(), gts.const_data_ptr<scalar_t>(),
+          static_cast<acc_t>(o.fg_iou_thresh), static_cast<acc_t>(o.bg_iou_thresh),
+          ws.at<acc_t>(boxes_at), ws.at<int8_t>(label_at), ws.at<int64_t>(matched_at),
+          ws.at<acc_t>(iou_gt_at));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (negative_keys || positive_keys) {
+        overlap_key_kernel<acc_t><<<gpu::grid_blocks(num_examples), kThreads, 0, stream>>>(
+            layout, num_examples, ws.at<acc_t>(boxes_at), ws.at<int8_t>(label_at), negative_keys,
+            positive_keys, o.pos_key_all, ws.at<double>(overlap_key_at));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+    select_kernel<acc_t><<<gpu::item_blocks(num_images), kThreads, 0, stream>>>(
+        layout, params, u.const_data_ptr<double>(), ws.at<int8_t>(label_at),
+        ws.at<int64_t>(matched_at), ws.at<acc_t>(iou_gt_at), ws.at<double>(overlap_key_at),
+        ws.at<unsigned long long>(sampling_keys_at), ws.at<int16_t>(segment_at),
+        ws.at<unsigned long long>(gt_best_iou_at), ws.at<unsigned long long>(gt_best_example_at),
+        indices.mutable_data_ptr<int64_t>(), matched_gt.mutable_data_ptr<int64_t>(),
+        weights.mutable_data_ptr<float>(), num_pos.mutable_data_ptr<int64_t>(),
+        num_neg.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {indices, matched_gt, weights, num_pos, num_neg};
+}
+
+TORCH_LIBRARY_IMPL(overlap_sampler, CUDA, m) {
+  m.impl("sample_from_uniforms", &sample_from_uniforms_cuda);
+}
+
+}  // namespace overlap_sampler
