@@ -1,0 +1,73 @@
+"""CUDA-only behaviour: CPU/CUDA agreement, no host sync, CUDA-graph capture.
+(Per-op CUDA correctness runs in every op's test file through cpu_and_cuda().)"""
+
+import pytest
+import torch
+
+import overlap_sampler
+from conftest import make_batch, needs_cuda
+
+pytestmark = needs_cuda
+
+
+def _cuda(batch):
+    return [t.cuda() for t in batch]
+
+
+@pytest.mark.parametrize("neg_strategy", overlap_sampler.NEGATIVE_STRATEGIES)
+def test_cuda_equals_cpu_for_the_same_uniforms(neg_strategy):
+    batch = make_batch([2000] * 4 + [0, 37], [20, 5, 0, 11, 2, 1], seed=1, canvas=1000.0)
+    uniforms = torch.rand(batch[0].shape[0] + batch[2].shape[0], dtype=torch.float64)
+    options = dict(neg_strategy=neg_strategy, pos_strategy="soft", pos_weight=2.0)
+    cpu = overlap_sampler.sample_from_uniforms(*batch, uniforms, **options)
+    gpu = overlap_sampler.sample_from_uniforms(*_cuda(batch), uniforms.cuda(), **options)
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())
+
+
+def test_large_images_take_the_same_path_results():
+    """Images beyond shared memory (100k proposals) still match the CPU."""
+    batch = make_batch([100_000, 3000], [40, 3], seed=2, canvas=2000.0)
+    uniforms = torch.rand(batch[0].shape[0] + batch[2].shape[0], dtype=torch.float64)
+    cpu = overlap_sampler.sample_from_uniforms(*batch, uniforms)
+    gpu = overlap_sampler.sample_from_uniforms(*_cuda(batch), uniforms.cuda())
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())
+
+
+def test_no_host_sync_with_validate_false():
+    batch = _cuda(make_batch([500] * 4, [10] * 4, seed=3))
+    generator = torch.Generator("cuda").manual_seed(0)
+    overlap_sampler.sample(*batch, validate=False, generator=generator)  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        overlap_sampler.sample(*batch, validate=False, generator=generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graph_capture_replays_like_eager():
+    batch = _cuda(make_batch([800] * 4, [12] * 4, seed=4))
+    uniforms = torch.rand(batch[0].shape[0] + batch[2].shape[0], dtype=torch.float64, device="cuda")
+    options = dict(neg_strategy="soft", pos_strategy="soft", pos_weight=2.0, validate=False)
+    eager = overlap_sampler.sample_from_uniforms(*batch, uniforms, **options)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        overlap_sampler.sample_from_uniforms(*batch, uniforms, **options)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = overlap_sampler.sample_from_uniforms(*batch, uniforms, **options)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, captured):
+        assert torch.equal(a, b)
+
+
+def test_generator_determinism_on_cuda():
+    batch = _cuda(make_batch([1000] * 2, [8] * 2, seed=5, canvas=1000.0))
+    first = overlap_sampler.sample(*batch, batch_size_per_image=64, generator=torch.Generator("cuda").manual_seed(1))
+    second = overlap_sampler.sample(*batch, batch_size_per_image=64, generator=torch.Generator("cuda").manual_seed(1))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
