@@ -26,6 +26,10 @@ class OverlapSweep {
     sorted_.resize(4 * count);
     sorted_ids_.resize(count);
     x1_.resize(count);
+    y1_.resize(count);
+    x2_.resize(count);
+    y2_.resize(count);
+    area_.resize(count);
     max_width_ = T(0);
     lowest_ids_[0] = lowest_ids_[1] = -1;
     for (int64_t r = 0; r < count; ++r) {
@@ -33,12 +37,44 @@ class OverlapSweep {
       std::copy(boxes + 4 * k, boxes + 4 * k + 4, sorted_.begin() + 4 * r);
       sorted_ids_[r] = ids[k];
       x1_[r] = boxes[4 * k];
+      y1_[r] = boxes[4 * k + 1];
+      x2_[r] = boxes[4 * k + 2];
+      y2_[r] = boxes[4 * k + 3];
+      area_[r] = box_area(boxes + 4 * k);
       max_width_ = std::max(max_width_, boxes[4 * k + 2] - boxes[4 * k]);
       insert_lowest(ids[k]);
     }
   }
 
   int64_t size() const { return static_cast<int64_t>(sorted_ids_.size()); }
+
+  // Max IoU of `query` with every key, value only: the sampler's keys need no
+  // argmax, and without it the loop is branch-free over contiguous arrays, so
+  // the compiler vectorises it. Same arithmetic as box_iou_pair(query, key).
+  T max_value(const T* q) const {
+    const int64_t first =
+        std::lower_bound(x1_.begin(), x1_.end(), q[0] - max_width_) - x1_.begin();
+    const int64_t last = std::lower_bound(x1_.begin() + first, x1_.end(), q[2]) - x1_.begin();
+    const T qx1 = q[0], qy1 = q[1], qx2 = q[2], qy2 = q[3];
+    const T q_area = box_area(q);
+    const T* x1 = x1_.data();
+    const T* y1 = y1_.data();
+    const T* x2 = x2_.data();
+    const T* y2 = y2_.data();
+    const T* area = area_.data();
+    T best = T(0);
+    // IoUs are never NaN, so a max reduction may be reordered (-fopenmp-simd).
+#pragma omp simd reduction(max : best)
+    for (int64_t r = first; r < last; ++r) {
+      const T w = (qx2 < x2[r] ? qx2 : x2[r]) - (qx1 > x1[r] ? qx1 : x1[r]);
+      const T h = (qy2 < y2[r] ? qy2 : y2[r]) - (qy1 > y1[r] ? qy1 : y1[r]);
+      const T inter = (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
+      const T uni = q_area + area[r] - inter;
+      const T iou = uni > T(0) ? inter / uni : T(0);
+      best = iou > best ? iou : best;
+    }
+    return best;
+  }
 
   // Max IoU of `query` with every key whose id != skip_id; lowest id on ties;
   // (0, -1) when there is no such key.
@@ -72,7 +108,7 @@ class OverlapSweep {
   std::vector<int64_t> order_;
   std::vector<T> sorted_;
   std::vector<int64_t> sorted_ids_;
-  std::vector<T> x1_;
+  std::vector<T> x1_, y1_, x2_, y2_, area_;  // sorted by x1, one array per coordinate
   T max_width_ = T(0);
   int64_t lowest_ids_[2] = {-1, -1};
 };

@@ -148,8 +148,12 @@ class ImageSampler {
     sweep_.reset(key_boxes_.data(), keys.data(), static_cast<int64_t>(keys.size()));
     for (const int64_t e : queries) {
       T best;
-      int64_t unused;
-      sweep_.query(boxes_.data() + 4 * e, exclude_self ? e : -1, best, unused);
+      if (exclude_self) {
+        int64_t unused;
+        sweep_.query(boxes_.data() + 4 * e, e, best, unused);
+      } else {
+        best = sweep_.max_value(boxes_.data() + 4 * e);
+      }
       key_[e] = static_cast<double>(best);
     }
   }

@@ -38,7 +38,8 @@ template <typename T>
 OS_HOST_DEVICE inline T box_area(const T* b) {
   const T w = b[2] - b[0];
   const T h = b[3] - b[1];
-  return (w > T(0) && h > T(0)) ? w * h : T(0);
+  // Branch-free (no &&) so loops over boxes vectorise; 0 * x keeps +0.
+  return (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
 }
 
 template <typename T>
@@ -49,7 +50,7 @@ OS_HOST_DEVICE inline T box_iou_pair(const T* a, const T* b) {
   const T bottom = a[3] < b[3] ? a[3] : b[3];
   const T w = right - left;
   const T h = bottom - top;
-  const T inter = (w > T(0) && h > T(0)) ? w * h : T(0);
+  const T inter = (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
   const T uni = box_area(a) + box_area(b) - inter;
   return uni > T(0) ? inter / uni : T(0);
 }
