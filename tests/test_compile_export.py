@@ -1,5 +1,7 @@
 """The ops under torch.library.opcheck, torch.compile, TorchScript and torch.export."""
 
+from typing import Optional
+
 import pytest
 import torch
 
@@ -113,4 +115,19 @@ def test_torch_export_round_trip():
     got = exported.module()(*batch, uniforms)
     assert torch.equal(eager[0], got[0])
     for a, b in zip(eager[1], got[1]):
+        assert torch.equal(a, b)
+
+
+def _scripted_with_generator(proposals: torch.Tensor, ps: torch.Tensor, gt: torch.Tensor, gs: torch.Tensor,
+                             generator: Optional[torch.Generator]):
+    return torch.ops.overlap_sampler.sample(proposals, ps, gt, gs, batch_size_per_image=16,
+                                            generator=generator)
+
+
+def test_torchscript_passes_a_generator():
+    scripted = torch.jit.script(_scripted_with_generator)
+    batch = make_batch([100, 50], [3, 2], seed=12)
+    got = scripted(*batch, torch.Generator().manual_seed(3))
+    eager = overlap_sampler.sample(*batch, batch_size_per_image=16, generator=torch.Generator().manual_seed(3))
+    for a, b in zip(got, eager):
         assert torch.equal(a, b)
