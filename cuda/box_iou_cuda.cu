@@ -1,5 +1,5 @@
 // box_iou on CUDA: one thread per output element (grid-stride), IoU in the
-// accumulate type by the shared box_iou_pair.
+// accumulate type by the shared box_iou_pair, unfused (gpu::box_iou).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(gpu::kThreads)
       a[k] = static_cast<acc_t>(boxes1[4 * i + k]);
       b[k] = static_cast<acc_t>(boxes2[4 * j + k]);
     }
-    out[idx] = static_cast<scalar_t>(box_iou_pair(a, b));
+    out[idx] = static_cast<scalar_t>(gpu::box_iou(a, b));
   }
 }
 

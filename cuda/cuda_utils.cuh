@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "sampling_math.h"
+
 namespace overlap_sampler {
 namespace gpu {
 
@@ -285,6 +287,59 @@ __device__ void block_topk_resolve(int64_t n, int num_segments, TopKState<kMaxSe
     }
   }
   __syncthreads();
+}
+
+// ---------------------------------------------------------------------------
+// IoU without floating-point contraction.
+//
+// nvcc contracts a * b + c into one FMA by default (-fmad=true), and does so in
+// box_iou_pair: area(a) + area(b) becomes fma(w_a, h_a, area(b)), rounded once
+// instead of twice, so GPU IoUs would differ from the CPU's in the last bit and
+// flip thresholds and ties. No pragma turns contraction off in nvcc, so the
+// shared box_iou_pair is instantiated with a number type whose operators are
+// the _rn intrinsics, which are IEEE-rounded and never fused: the same formula,
+// the CPU's rounding, whatever the build flags.
+template <typename T>
+struct UnfusedOps;
+template <>
+struct UnfusedOps<float> {
+  __device__ static float add(float a, float b) { return __fadd_rn(a, b); }
+  __device__ static float sub(float a, float b) { return __fsub_rn(a, b); }
+  __device__ static float mul(float a, float b) { return __fmul_rn(a, b); }
+  __device__ static float div(float a, float b) { return __fdiv_rn(a, b); }
+};
+template <>
+struct UnfusedOps<double> {
+  __device__ static double add(double a, double b) { return __dadd_rn(a, b); }
+  __device__ static double sub(double a, double b) { return __dsub_rn(a, b); }
+  __device__ static double mul(double a, double b) { return __dmul_rn(a, b); }
+  __device__ static double div(double a, double b) { return __ddiv_rn(a, b); }
+};
+
+template <typename T>
+struct Unfused {
+  T v;
+  Unfused() = default;
+  __device__ Unfused(T x) : v(x) {}
+  __device__ explicit Unfused(int x) : v(static_cast<T>(x)) {}
+  __device__ friend Unfused operator+(Unfused a, Unfused b) { return UnfusedOps<T>::add(a.v, b.v); }
+  __device__ friend Unfused operator-(Unfused a, Unfused b) { return UnfusedOps<T>::sub(a.v, b.v); }
+  __device__ friend Unfused operator*(Unfused a, Unfused b) { return UnfusedOps<T>::mul(a.v, b.v); }
+  __device__ friend Unfused operator/(Unfused a, Unfused b) { return UnfusedOps<T>::div(a.v, b.v); }
+  __device__ friend bool operator>(Unfused a, Unfused b) { return a.v > b.v; }
+  __device__ friend bool operator<(Unfused a, Unfused b) { return a.v < b.v; }
+};
+
+// box_iou_pair(a, b) of two acc_t boxes, rounded exactly as on the CPU.
+template <typename T>
+__device__ __forceinline__ T box_iou(const T* a, const T* b) {
+  Unfused<T> x[4], y[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    x[k] = a[k];
+    y[k] = b[k];
+  }
+  return box_iou_pair(x, y).v;
 }
 
 // Binary search: the largest b in [0, count) with start(b) <= i, for

@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads)
           for (int s = 0; s < count; ++s) {
             const int64_t row = tile_row[s];
             if (row == self_row) continue;
-            update_max(box_iou_pair(box, tile_box[s]), row, best, best_row);
+            update_max(gpu::box_iou(box, tile_box[s]), row, best, best_row);
           }
         }
         __syncthreads();

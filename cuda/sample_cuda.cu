@@ -1,6 +1,7 @@
 // sample_from_uniforms on CUDA: the whole batch in three launches (two when
-// neither strategy reads an overlap key) and no host synchronisation, so with
-// validate=false it can be captured in a CUDA graph.
+// neither strategy reads an overlap key; one more, clamp_splits_kernel, with
+// validate=false) and no host synchronisation, so with validate=false it can be
+// captured in a CUDA graph.
 //
 //   1. match_kernel, one thread per example: IoU_g,e, matched GT and label;
 //      also widens the boxes to acc_t in "image-major" order (below).
@@ -81,6 +82,32 @@ __device__ __forceinline__ int class_of(int8_t label) {
 }
 
 // ---------------------------------------------------------------------------
+// 0. With validate=false the splits were never read on the host: clamp them so
+// that every image is a range inside its tensor and the ranges tile it (first
+// 0, last the row count, each split in [previous split, row count]). Bad splits
+// then give wrong samples, never an out-of-bounds access. One thread: B is
+// small and this runs once per batch.
+__global__ void clamp_splits_kernel(const int64_t* __restrict__ proposal_splits,
+                                    const int64_t* __restrict__ gt_splits, int64_t num_images,
+                                    int64_t num_proposals, int64_t num_gt,
+                                    int64_t* __restrict__ out_proposal_splits,
+                                    int64_t* __restrict__ out_gt_splits) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  out_proposal_splits[0] = 0;
+  out_gt_splits[0] = 0;
+  for (int64_t b = 1; b < num_images; ++b) {
+    const int64_t p = proposal_splits[b];
+    const int64_t g = gt_splits[b];
+    const int64_t p_lo = out_proposal_splits[b - 1];
+    const int64_t g_lo = out_gt_splits[b - 1];
+    out_proposal_splits[b] = p < p_lo ? p_lo : (p > num_proposals ? num_proposals : p);
+    out_gt_splits[b] = g < g_lo ? g_lo : (g > num_gt ? num_gt : g);
+  }
+  out_proposal_splits[num_images] = num_proposals;
+  out_gt_splits[num_images] = num_gt;
+}
+
+// ---------------------------------------------------------------------------
 // 1. Matching.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -106,14 +133,14 @@ __global__ void __launch_bounds__(kThreads)
     int64_t best_gt = -1;
     if (is_copy) {
       // A GT copy is matched to its own row (even if another GT is identical).
-      best = box_iou_pair(box, box);
+      best = gpu::box_iou(box, box);
       best_gt = g0 + (e - n_prop);
     } else {
       for (int64_t g = g0; g < g1; ++g) {
         acc_t gt[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k) gt[k] = static_cast<acc_t>(gt_boxes[4 * g + k]);
-        update_max(box_iou_pair(box, gt), g, best, best_gt);
+        update_max(gpu::box_iou(box, gt), g, best, best_gt);
       }
     }
     // Thresholds compared in acc_t, as the CPU kernel; no GT -> never positive.
@@ -187,14 +214,14 @@ __global__ void __launch_bounds__(kThreads)
             const int count = x1 - t0 < kThreads ? static_cast<int>(x1 - t0) : kThreads;
             for (int s = 0; s < count; ++s) {
               if (t0 + s == x) continue;  // itself excluded
-              const acc_t iou = box_iou_pair(box, tile_box[s]);
+              const acc_t iou = gpu::box_iou(box, tile_box[s]);
               best = iou > best ? iou : best;
             }
           } else {
             const int c = over == kOverPositives ? kPos : kNeg;
             const int count = tile_counts[c];
             for (int s = 0; s < count; ++s) {
-              const acc_t iou = box_iou_pair(box, tile_box[tile_members[c][s]]);
+              const acc_t iou = gpu::box_iou(box, tile_box[tile_members[c][s]]);
               best = iou > best ? iou : best;
             }
           }
@@ -540,9 +567,19 @@ SampleResult sample_from_uniforms_cuda(
 
   const at::Tensor props = proposals.contiguous();
   const at::Tensor gts = gt_boxes.contiguous();
-  const at::Tensor ps = proposal_splits.contiguous();
-  const at::Tensor gs = gt_splits.contiguous();
   const at::Tensor u = uniforms.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor ps = proposal_splits.contiguous();
+  at::Tensor gs = gt_splits.contiguous();
+  if (!validate) {
+    at::Tensor clamped = at::empty({2, num_images + 1}, long_options);
+    clamp_splits_kernel<<<1, 1, 0, stream>>>(
+        ps.const_data_ptr<int64_t>(), gs.const_data_ptr<int64_t>(), num_images, props.size(0),
+        gts.size(0), clamped[0].mutable_data_ptr<int64_t>(), clamped[1].mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ps = clamped[0];
+    gs = clamped[1];
+  }
 
   const bool negative_keys = o.neg_strategy != kUniform && o.neg_strategy != kIouBalanced;
   const bool positive_keys = o.pos_strategy != kUniform;
@@ -566,7 +603,6 @@ SampleResult sample_from_uniforms_cuda(
   const ImageLayout layout{ps.const_data_ptr<int64_t>(), gs.const_data_ptr<int64_t>(), num_images,
                            props.size(0), append_gt};
   const int64_t num_gt = gts.size(0);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND_HALF(props.scalar_type(), "sample_from_uniforms_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -71,3 +71,39 @@ def test_generator_determinism_on_cuda():
     second = overlap_sampler.sample(*batch, batch_size_per_image=64, generator=torch.Generator("cuda").manual_seed(1))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def _clamped(splits, rows):
+    """The clamping docs/ops.md promises for validate=False on CUDA."""
+    out = [0]
+    for value in splits[1:-1].tolist():
+        out.append(min(max(value, out[-1]), rows))
+    return torch.tensor(out + [rows])
+
+
+@pytest.mark.parametrize(
+    "bad_proposal_splits, bad_gt_splits",
+    [([0, 900, 300, 5000], [0, 2, 1, 9]), ([-7, 100, 100, 10], [3, 3, -1, 30])],
+)
+def test_validate_false_clamps_bad_splits(bad_proposal_splits, bad_gt_splits):
+    proposals, _, gt_boxes, _ = make_batch([400, 300, 500], [3, 4, 2], seed=6)
+    bad_ps, bad_gs = torch.tensor(bad_proposal_splits), torch.tensor(bad_gt_splits)
+    uniforms = torch.rand(proposals.shape[0] + gt_boxes.shape[0], dtype=torch.float64)
+    gpu = overlap_sampler.sample_from_uniforms(
+        *_cuda([proposals, bad_ps, gt_boxes, bad_gs]), uniforms.cuda(), validate=False
+    )
+    cpu = overlap_sampler.sample_from_uniforms(
+        proposals, _clamped(bad_ps, proposals.shape[0]), gt_boxes, _clamped(bad_gs, gt_boxes.shape[0]),
+        uniforms,
+    )
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())
+
+
+def test_validate_false_equals_validate_true_on_good_input():
+    batch = _cuda(make_batch([700, 0, 300], [6, 2, 0], seed=7))
+    uniforms = torch.rand(batch[0].shape[0] + batch[2].shape[0], dtype=torch.float64, device="cuda")
+    checked = overlap_sampler.sample_from_uniforms(*batch, uniforms)
+    unchecked = overlap_sampler.sample_from_uniforms(*batch, uniforms, validate=False)
+    for a, b in zip(checked, unchecked):
+        assert torch.equal(a, b)
