@@ -1,0 +1,290 @@
+"""COCO evaluation of a torchvision-style detector: box AP and, with a mask head, mask AP.
+
+The model is any module that, in eval mode, maps a list of images (float32 [3, H, W] in [0, 1])
+to a list of dicts with ``boxes`` (float32 [n, 4], x1y1x2y2 absolute pixels of the input image),
+``scores`` (float32 [n]), ``labels`` (int64 [n], contiguous 1..C) and optionally ``masks``
+(float32 [n, 1, H, W] probabilities) -- the output of torchvision's GeneralizedRCNN (and of a
+scripted one, which returns ``(losses, detections)``).
+
+The numbers are pycocotools' ``COCOeval`` (the reference implementation); this module only turns
+the detections into COCO results and reads ``stats[0:6]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+#: The six COCO summary numbers we report, in the order of ``COCOeval.stats[0:6]``.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+MASK_THRESHOLD = 0.5
+
+
+def _detections_of(output: Any) -> list:
+    """The per-image detection dicts, whether the model is eager or scripted.
+
+    A scripted GeneralizedRCNN always returns ``(losses, detections)``.
+    """
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], list):
+        return output[1]
+    return output
+
+
+def detections_to_coco(detections: dict, image_id: int, category_ids: list) -> list[dict]:
+    """COCO result records for one image.
+
+    Args:
+        detections: dict with ``boxes`` float [n, 4] x1y1x2y2 absolute pixels, ``scores`` float [n],
+            ``labels`` int64 [n] in 1..C, and optionally ``masks`` float [n, 1, H, W] probabilities
+            (thresholded at 0.5 and RLE-encoded).
+        image_id: the COCO image id.
+        category_ids: label ``l`` maps to COCO category ``category_ids[l - 1]``.
+
+    Returns:
+        list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` (plus
+        ``"segmentation"``: an RLE with ``counts`` as str, JSON-ready, when masks are given).
+    """
+    boxes = detections["boxes"].detach().float().cpu()
+    scores = detections["scores"].detach().float().cpu().tolist()
+    labels = detections["labels"].detach().cpu().tolist()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    rles = None
+    if "masks" in detections:
+        masks = detections["masks"].detach().cpu()
+        if masks.dim() == 4:
+            masks = masks[:, 0]
+        binary = (masks > MASK_THRESHOLD).numpy().astype(np.uint8)
+        # pycocotools wants a Fortran-ordered H x W x n array.
+        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0))) if len(binary) else []
+    results = []
+    for k, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+        if not 1 <= label <= len(category_ids):
+            raise ValueError(
+                f"detections['labels'] holds {label} for image {image_id}: expected a contiguous "
+                f"label in 1..{len(category_ids)} (0 is background)")
+        record = {"image_id": int(image_id), "category_id": int(category_ids[label - 1]),
+                  "bbox": [float(v) for v in box], "score": float(score)}
+        if rles is not None:
+            rle = dict(rles[k])
+            rle["counts"] = rle["counts"].decode("ascii")
+            record["segmentation"] = rle
+        results.append(record)
+    return results
+
+
+def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
+    """``coco_gt.loadRes(results)``, also for an empty list (where loadRes raises IndexError).
+
+    An empty result set is a COCO object with the ground truth's images and categories and no
+    annotations, so COCOeval scores it as it should: 0 where there is ground truth, -1 where
+    there is none.
+    """
+    if results:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return coco_gt.loadRes(results)
+    empty = COCO()
+    empty.dataset = {"images": list(coco_gt.dataset.get("images", [])),
+                     "categories": list(coco_gt.dataset.get("categories", [])),
+                     "annotations": []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        empty.createIndex()
+    return empty
+
+
+def coco_metrics(coco_gt: COCO, results: list[dict], iou_type: str, *,
+                 image_ids: Optional[Iterable[int]] = None, verbose: bool = False) -> dict:
+    """Run COCOeval and return ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` (``stats[0:6]``).
+
+    AP is averaged over IoU 0.50:0.95; APs/APm/APl over small/medium/large objects. A value of -1
+    is COCOeval's "no ground truth in this range" and is kept as -1.
+
+    Args:
+        coco_gt: the ground truth.
+        results: COCO result records (``bbox`` xywh, ``score``, ``category_id``, ``image_id``,
+            ``segmentation`` RLE for ``iou_type="segm"``).
+        iou_type: ``"bbox"`` or ``"segm"``.
+        image_ids: evaluate on these images only (default: all images of ``coco_gt``).
+        verbose: let COCOeval print its progress and its 12-line summary.
+    """
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with sink:
+        coco_dt = _load_results(coco_gt, results)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
+
+
+def _has_mask_head(model: torch.nn.Module) -> bool:
+    roi_heads = getattr(model, "roi_heads", None)
+    has_mask = getattr(roi_heads, "has_mask", None)
+    return bool(has_mask()) if callable(has_mask) else False
+
+
+def evaluate(model: torch.nn.Module, dataset, *, device: str | torch.device = "cpu",
+             batch_size: int = 2, progress: bool = True, verbose: bool = False) -> dict:
+    """COCO box (and mask) AP of ``model`` on ``dataset``.
+
+    Runs ``model`` in eval mode under ``torch.inference_mode`` over every image of ``dataset``
+    (its training flag is restored afterwards; the model is moved to ``device``), converts the
+    detections to COCO results and scores them with pycocotools' COCOeval.
+
+    Args:
+        model: a detector; in eval mode ``model(list of float32 [3, H, W] images)`` returns one
+            dict per image with ``boxes`` (x1y1x2y2 absolute pixels), ``scores``, ``labels``
+            (1..C) and optionally ``masks`` ([n, 1, H, W] probabilities). A scripted detector's
+            ``(losses, detections)`` is accepted too.
+        dataset: a ``overlap_sampler.data.CocoDetection`` (or anything with ``__len__``,
+            ``__getitem__ -> (image, target with a 0-d "image_id")``, ``.coco`` and
+            ``.category_ids``).
+        device: where to run the model.
+        batch_size: images per forward pass.
+        progress: show a tqdm bar.
+        verbose: let COCOeval print its own output.
+
+    Returns:
+        ``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` plus ``"segm"`` with the same keys
+        when the model predicts masks. Floats in [0, 1]; -1 where there is no ground truth in
+        that area range.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    for attribute in ("coco", "category_ids"):
+        if not hasattr(dataset, attribute):
+            raise TypeError(f"dataset must be a CocoDetection (with .coco and .category_ids); "
+                            f"{type(dataset).__name__} has no .{attribute}")
+    device = torch.device(device)
+    category_ids = list(dataset.category_ids)
+    was_training = model.training
+    model.eval().to(device)
+    results: list[dict] = []
+    image_ids: list[int] = []
+    predicts_masks = _has_mask_head(model)
+    try:
+        with torch.inference_mode(), tqdm(total=len(dataset), desc="eval", unit="img",
+                                          disable=not progress, file=sys.stderr) as bar:
+            for start in range(0, len(dataset), batch_size):
+                samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                images = [image.to(device) for image, _ in samples]
+                outputs = _detections_of(model(images))
+                if len(outputs) != len(samples):
+                    raise RuntimeError(f"the model returned {len(outputs)} detection dicts for "
+                                       f"{len(samples)} images")
+                for (_, target), detections in zip(samples, outputs):
+                    image_id = int(target["image_id"])
+                    image_ids.append(image_id)
+                    predicts_masks = predicts_masks or "masks" in detections
+                    results.extend(detections_to_coco(detections, image_id, category_ids))
+                bar.update(len(samples))
+    finally:
+        model.train(was_training)
+
+    metrics = {"bbox": coco_metrics(dataset.coco, results, "bbox", image_ids=image_ids,
+                                    verbose=verbose)}
+    if predicts_masks:
+        if any("segmentation" not in r for r in results):
+            raise RuntimeError("the model has a mask head but some detections have no 'masks'")
+        metrics["segm"] = coco_metrics(dataset.coco, results, "segm", image_ids=image_ids,
+                                       verbose=verbose)
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    """A fixed-width table of AP values in percent, one row per IoU type.
+
+    >>> print(format_table({"bbox": {"AP": 0.5, "AP50": 0.75, "AP75": 0.5, "APs": -1.0,
+    ...                              "APm": 0.25, "APl": 0.5}}))
+    type    AP     AP50   AP75   APs    APm    APl
+    bbox    50.0   75.0   50.0   -      25.0   50.0
+    """
+    header = "type".ljust(8) + "".join(name.ljust(7) for name in METRIC_NAMES)
+    lines = [header.rstrip()]
+    for iou_type, values in metrics.items():
+        cells = []
+        for name in METRIC_NAMES:
+            value = values.get(name)
+            # -1 means "no ground truth in this range": a dash, not a fake score.
+            cells.append("-" if value is None or value < 0 else f"{100.0 * value:.1f}")
+        lines.append((iou_type.ljust(8) + "".join(c.ljust(7) for c in cells)).rstrip())
+    return "\n".join(lines)
+
+
+def write_metrics(metrics: dict, path: str) -> str:
+    """Write ``metrics`` as indented JSON to ``path`` (parent folders created); return the path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(metrics, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; anything else as ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic",
+                        val_images: Optional[str] = None, val_annotations: Optional[str] = None,
+                        output_dir: Optional[str] = None, device: str = "auto",
+                        batch_size: int = 2, progress: bool = True) -> dict:
+    """Evaluate a training checkpoint on a COCO dataset; write ``eval.json``, print the table.
+
+    Args:
+        checkpoint: a checkpoint written by ``overlap_sampler.engine.checkpoint.save_checkpoint``.
+        dataset: ``"synthetic"`` for the built-in synthetic validation split, or None to use
+            ``val_images`` + ``val_annotations`` (a COCO image folder and instances json).
+        output_dir: where ``eval.json`` goes (default: the checkpoint's folder).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
+        batch_size: images per forward pass.
+
+    Returns:
+        the metrics dict of :func:`evaluate`.
+    """
+    from overlap_sampler.data import CocoDetection, synthetic_dataset
+    from overlap_sampler.engine.checkpoint import load_model_from_checkpoint
+
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    if dataset == "synthetic":
+        if val_images is not None or val_annotations is not None:
+            raise ValueError("give either dataset='synthetic' or val_images + val_annotations, "
+                             "not both")
+        image_dir, annotation_file = synthetic_dataset("val")
+    elif dataset is None:
+        if val_images is None or val_annotations is None:
+            raise ValueError("val_images and val_annotations are both needed when dataset is None "
+                             f"(got val_images={val_images!r}, val_annotations={val_annotations!r})")
+        image_dir, annotation_file = val_images, val_annotations
+    else:
+        raise ValueError(f"dataset must be 'synthetic' or None, got {dataset!r}")
+
+    model, config = load_model_from_checkpoint(checkpoint, map_location="cpu")
+    with_masks = getattr(config, "arch", None) == "maskrcnn" or _has_mask_head(model)
+    data = CocoDetection(image_dir, annotation_file, masks=with_masks)
+    metrics = evaluate(model, data, device=resolve_device(device), batch_size=batch_size,
+                       progress=progress)
+    output_dir = output_dir or os.path.dirname(os.path.abspath(checkpoint))
+    path = write_metrics(metrics, os.path.join(output_dir, "eval.json"))
+    print(format_table(metrics))
+    print(f"wrote {path}")
+    return metrics
