@@ -1,0 +1,525 @@
+"""torchvision's RoI heads with the Overlap Sampler and the ε loss weights.
+
+The only place where sampling plugs in is :meth:`OverlapRoIHeads.select_weighted_training_samples`:
+one ``torch.ops.overlap_sampler.sample`` call for the whole batch, then a
+gather of boxes, labels, regression targets and loss weights. Everything else
+(box and mask heads, inference, TorchScript) is torchvision's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.roi_heads import (
+    RoIHeads,
+    keypointrcnn_inference,
+    keypointrcnn_loss,
+    maskrcnn_inference,
+    maskrcnn_loss,
+)
+
+from ..sampling.config import SamplerConfig
+from .losses import weighted_fastrcnn_loss
+
+
+class OverlapRoIHeads(RoIHeads):
+    """A :class:`torchvision.models.detection.roi_heads.RoIHeads` whose training
+    examples come from the Overlap Sampler and whose Fast R-CNN loss weighs
+    each RoI (ε for the best sampled positive of each GT).
+
+    Build it with :meth:`from_roi_heads` (or :func:`overlap_sampler.detection.install_sampler`):
+    it reuses the box/mask/keypoint modules of an existing head, so weights and
+    ``state_dict`` keys are unchanged. The :class:`SamplerConfig` is stored as
+    plain typed attributes (``sampler``, ``neg_strategy``, ..., ``bg_iou_thresh``)
+    because TorchScript cannot hold a dataclass; :meth:`sampler_config` gives it back.
+
+    Training (``self.training``):
+      * ``sampler == "overlap"``: one ``torch.ops.overlap_sampler.sample`` call
+        for the batch (GT boxes appended as examples), losses through
+        :func:`weighted_fastrcnn_loss`;
+      * ``sampler == "random"``: torchvision's own sampling, unchanged, and
+        all-ones weights (the loss then equals torchvision's).
+      After each training forward ``last_num_pos`` / ``last_num_neg`` hold the
+      sampled fg / bg counts per image (int64 ``[B]``, on the boxes' device).
+    Inference is torchvision's, unchanged (the test NMS threshold is ``nms_thresh``).
+
+    Other attributes:
+      * ``generator``: a ``torch.Generator`` on the boxes' device used by the
+        sampler, or None (the default) for the global RNG, so ``torch.manual_seed``
+        makes training reproducible. Not used under TorchScript (global RNG).
+      * ``validate_inputs``: let the op check box values and splits (default
+        True). On CUDA those checks read values on the host; set False to keep
+        the step asynchronous (the splits built here are always consistent and
+        torchvision's ``GeneralizedRCNN`` already rejects degenerate GT boxes).
+    """
+
+    # TorchScript reads attribute types from the class annotations, and a
+    # subclass's own annotations hide its base's: repeat torchvision's.
+    __annotations__ = {
+        **RoIHeads.__annotations__,
+        "sampler": str,
+        "neg_strategy": str,
+        "pos_strategy": str,
+        "num_bins": int,
+        "hard_thresh": float,
+        "bin_upper": Optional[float],
+        "pos_weight": float,
+        "pos_key": str,
+        "batch_size_per_image": int,
+        "positive_fraction": float,
+        "fg_iou_thresh": float,
+        "bg_iou_thresh": float,
+        "validate_inputs": bool,
+        "last_num_pos": Tensor,
+        "last_num_neg": Tensor,
+    }
+    __jit_ignored_attributes__ = ["generator"]
+
+    def __init__(
+        self,
+        box_roi_pool,
+        box_head,
+        box_predictor,
+        bbox_reg_weights,
+        score_thresh: float,
+        nms_thresh: float,
+        detections_per_img: int,
+        sampler_config: Optional[SamplerConfig] = None,
+        mask_roi_pool=None,
+        mask_head=None,
+        mask_predictor=None,
+        keypoint_roi_pool=None,
+        keypoint_head=None,
+        keypoint_predictor=None,
+    ):
+        config = SamplerConfig() if sampler_config is None else sampler_config
+        config.validate()
+        super().__init__(
+            box_roi_pool, box_head, box_predictor,
+            config.fg_iou_thresh, config.bg_iou_thresh, config.batch_size_per_image,
+            config.positive_fraction, bbox_reg_weights, score_thresh, nms_thresh,
+            detections_per_img, mask_roi_pool, mask_head, mask_predictor,
+            keypoint_roi_pool, keypoint_head, keypoint_predictor,
+        )
+        self.generator: Optional[torch.Generator] = None
+        self.validate_inputs = True
+        self.last_num_pos = torch.zeros(0, dtype=torch.int64)
+        self.last_num_neg = torch.zeros(0, dtype=torch.int64)
+        self.set_sampler(config)
+
+    @classmethod
+    def from_roi_heads(cls, roi_heads: RoIHeads, config: Optional[SamplerConfig] = None) -> "OverlapRoIHeads":
+        """A new head sharing every submodule and setting of ``roi_heads``
+        (box pool/head/predictor, box coder, score/NMS thresholds, detections
+        per image, mask and keypoint branches, train/eval mode), with the
+        training-sample settings (thresholds, batch size, fraction) of ``config``."""
+        if not isinstance(roi_heads, RoIHeads):
+            raise TypeError(f"roi_heads must be a torchvision RoIHeads, got {type(roi_heads).__name__}")
+        head = cls(
+            roi_heads.box_roi_pool, roi_heads.box_head, roi_heads.box_predictor,
+            roi_heads.box_coder.weights, roi_heads.score_thresh, roi_heads.nms_thresh,
+            roi_heads.detections_per_img, config,
+            roi_heads.mask_roi_pool, roi_heads.mask_head, roi_heads.mask_predictor,
+            roi_heads.keypoint_roi_pool, roi_heads.keypoint_head, roi_heads.keypoint_predictor,
+        )
+        head.box_coder = roi_heads.box_coder  # keeps bbox_xform_clip too
+        head.box_similarity = roi_heads.box_similarity
+        if isinstance(roi_heads, OverlapRoIHeads):
+            head.generator = roi_heads.generator
+            head.validate_inputs = roi_heads.validate_inputs
+        head.train(roi_heads.training)
+        return head
+
+    def set_sampler(self, config: SamplerConfig) -> None:
+        """Switch the training-sample settings to ``config`` (validated).
+
+        Also rebuilds torchvision's matcher and random sampler from it, so the
+        ``"random"`` path uses the same thresholds and budget."""
+        config.validate()
+        self.sampler = config.sampler
+        self.neg_strategy = config.neg_strategy
+        self.pos_strategy = config.pos_strategy
+        self.num_bins = int(config.num_bins)
+        self.hard_thresh = float(config.hard_thresh)
+        self.bin_upper = None if config.bin_upper is None else float(config.bin_upper)
+        self.pos_weight = float(config.pos_weight)
+        self.pos_key = config.pos_key
+        self.batch_size_per_image = int(config.batch_size_per_image)
+        self.positive_fraction = float(config.positive_fraction)
+        self.fg_iou_thresh = float(config.fg_iou_thresh)
+        self.bg_iou_thresh = float(config.bg_iou_thresh)
+        self.proposal_matcher = det_utils.Matcher(self.fg_iou_thresh, self.bg_iou_thresh,
+                                                  allow_low_quality_matches=False)
+        self.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(self.batch_size_per_image,
+                                                                       self.positive_fraction)
+
+    def sampler_config(self) -> SamplerConfig:
+        """The current settings as a :class:`SamplerConfig`."""
+        return SamplerConfig(
+            sampler=self.sampler, neg_strategy=self.neg_strategy, pos_strategy=self.pos_strategy,
+            num_bins=self.num_bins, hard_thresh=self.hard_thresh, bin_upper=self.bin_upper,
+            pos_weight=self.pos_weight, pos_key=self.pos_key,
+            batch_size_per_image=self.batch_size_per_image, positive_fraction=self.positive_fraction,
+            fg_iou_thresh=self.fg_iou_thresh, bg_iou_thresh=self.bg_iou_thresh,
+        )
+
+    def extra_repr(self) -> str:
+        return f"sampler_config={self.sampler_config()}"
+
+    @torch.jit.unused
+    def _eager_generator(self) -> Optional[torch.Generator]:
+        return self.generator
+
+    def _generator(self) -> Optional[torch.Generator]:
+        if torch.jit.is_scripting():
+            return None
+        return self._eager_generator()
+
+    def check_targets(self, targets):
+        # type: (Optional[list[dict[str, Tensor]]]) -> None
+        # torchvision's checks (TorchScript cannot call super()), plus shapes.
+        if targets is None:
+            raise ValueError("targets should not be None")
+        if not all(["boxes" in t for t in targets]):
+            raise ValueError("Every element of targets should have a boxes key")
+        if not all(["labels" in t for t in targets]):
+            raise ValueError("Every element of targets should have a labels key")
+        if self.has_mask():
+            if not all(["masks" in t for t in targets]):
+                raise ValueError("Every element of targets should have a masks key")
+        for t in targets:
+            # Shapes only (no host sync): mismatched labels would silently
+            # give positives the wrong class after the gather.
+            if t["boxes"].dim() != 2 or t["boxes"].shape[-1] != 4:
+                raise ValueError(f"target boxes must have shape [n, 4], got {t['boxes'].shape}")
+            if t["labels"].shape[0] != t["boxes"].shape[0]:
+                raise ValueError(f"target labels ({t['labels'].shape[0]}) and boxes "
+                                 f"({t['boxes'].shape[0]}) must have the same length")
+
+    def select_training_samples(
+        self,
+        proposals,  # type: list[Tensor]
+        targets,  # type: Optional[list[dict[str, Tensor]]]
+    ):
+        # type: (...) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
+        """torchvision's interface: ``(proposals, matched_idxs, labels,
+        regression_targets)`` per image; see :meth:`select_weighted_training_samples`."""
+        proposals, matched_idxs, labels, regression_targets, _ = self.select_weighted_training_samples(
+            proposals, targets)
+        return proposals, matched_idxs, labels, regression_targets
+
+    def select_weighted_training_samples(
+        self,
+        proposals: list[Tensor],
+        targets: Optional[list[dict[str, Tensor]]],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """The RoIs the box head trains on, per image.
+
+        Args:
+            proposals: per image, RPN proposals ``[n_i, 4]`` (x1, y1, x2, y2).
+            targets: per image, ``boxes`` ``[g_i, 4]`` float and ``labels`` int64 ``[g_i]``.
+
+        Returns:
+            ``(boxes, matched_idxs, labels, regression_targets, weights)``, lists
+            over images: sampled boxes ``[r_i, 4]`` (positives first, GT copies
+            included), index of the matched GT *within the image* (int64, 0 for
+            negatives, as torchvision), labels (int64, 0 = background),
+            ``box_coder`` targets ``[r_i, 4]`` (zeros for negatives) and loss
+            weights (float, ε / 1). Also sets ``last_num_pos`` / ``last_num_neg``.
+        """
+        if self.sampler == "random":
+            return self._torchvision_training_samples(proposals, targets)
+        self.check_targets(targets)
+        if targets is None:
+            raise ValueError("targets should not be None")
+        dtype = proposals[0].dtype
+        device = proposals[0].device
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        num_images = len(proposals)
+        gt_counts = [g.shape[0] for g in gt_boxes]
+
+        all_proposals = torch.cat(proposals)
+        all_gt = torch.cat(gt_boxes)
+        num_proposals = all_proposals.shape[0]
+        num_gt = all_gt.shape[0]
+
+        indices, matched_gt, weights, num_pos, num_neg = torch.ops.overlap_sampler.sample(
+            all_proposals, _splits([p.shape[0] for p in proposals], device),
+            all_gt, _splits(gt_counts, device),
+            batch_size_per_image=self.batch_size_per_image,
+            positive_fraction=self.positive_fraction,
+            fg_iou_thresh=self.fg_iou_thresh,
+            bg_iou_thresh=self.bg_iou_thresh,
+            append_gt=True,
+            neg_strategy=self.neg_strategy,
+            pos_strategy=self.pos_strategy,
+            num_bins=self.num_bins,
+            hard_thresh=self.hard_thresh,
+            bin_upper=self.bin_upper,
+            pos_weight=self.pos_weight,
+            generator=self._generator(),
+            pos_key=self.pos_key,
+            validate=self.validate_inputs,
+        )
+        self.last_num_pos = num_pos
+        self.last_num_neg = num_neg
+
+        # Gather over the whole batch at once. A dummy unit box ends both the
+        # example table (target of -1 padding) and the GT table (target of
+        # negatives), so every index is valid and every encoded delta finite.
+        dummy = torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=dtype, device=device)
+        examples = torch.cat([all_proposals, all_gt, dummy])
+        gt_table = torch.cat([all_gt, dummy])
+        label_table = torch.cat(gt_labels + [torch.zeros(1, dtype=torch.int64, device=device)]).to(torch.int64)
+        local_gt_table = torch.cat(
+            [torch.arange(c, device=device) for c in gt_counts] + [torch.zeros(1, dtype=torch.int64, device=device)])
+
+        flat_indices = indices.reshape(-1)
+        flat_indices = torch.where(flat_indices >= 0, flat_indices,
+                                   torch.full_like(flat_indices, num_proposals + num_gt))
+        flat_matched = matched_gt.reshape(-1)
+        is_pos = flat_matched >= 0
+        flat_matched = torch.where(is_pos, flat_matched, torch.full_like(flat_matched, num_gt))
+
+        boxes = examples[flat_indices]
+        labels = label_table[flat_matched]
+        local_matched = local_gt_table[flat_matched]
+        target_boxes = torch.where(is_pos[:, None], gt_table[flat_matched], boxes)
+        regression_targets = self.box_coder.encode_single(target_boxes, boxes)
+        flat_weights = weights.reshape(-1).to(dtype)
+
+        # Each row holds its samples as a prefix (positives, negatives, then
+        # -1 padding): one host read of the counts, then plain slices.
+        counts: list[int] = (num_pos + num_neg).tolist()
+        width = self.batch_size_per_image
+        out_boxes: list[Tensor] = []
+        out_matched: list[Tensor] = []
+        out_labels: list[Tensor] = []
+        out_targets: list[Tensor] = []
+        out_weights: list[Tensor] = []
+        for b in range(num_images):
+            start = b * width
+            end = start + counts[b]
+            out_boxes.append(boxes[start:end])
+            out_matched.append(local_matched[start:end])
+            out_labels.append(labels[start:end])
+            out_targets.append(regression_targets[start:end])
+            out_weights.append(flat_weights[start:end])
+        return out_boxes, out_matched, out_labels, out_targets, out_weights
+
+    def _torchvision_training_samples(
+        self,
+        proposals: list[Tensor],
+        targets: Optional[list[dict[str, Tensor]]],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        # torchvision's RoIHeads.select_training_samples, verbatim (TorchScript
+        # cannot call super()), plus all-ones weights and the fg/bg counts.
+        self.check_targets(targets)
+        if targets is None:
+            raise ValueError("targets should not be None")
+        dtype = proposals[0].dtype
+        device = proposals[0].device
+
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+
+        proposals = self.add_gt_proposals(proposals, gt_boxes)
+        matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+        sampled_inds = self.subsample(labels)
+        matched_gt_boxes = []
+        num_images = len(proposals)
+        for img_id in range(num_images):
+            img_sampled_inds = sampled_inds[img_id]
+            proposals[img_id] = proposals[img_id][img_sampled_inds]
+            labels[img_id] = labels[img_id][img_sampled_inds]
+            matched_idxs[img_id] = matched_idxs[img_id][img_sampled_inds]
+
+            gt_boxes_in_image = gt_boxes[img_id]
+            if gt_boxes_in_image.numel() == 0:
+                gt_boxes_in_image = torch.zeros((1, 4), dtype=dtype, device=device)
+            matched_gt_boxes.append(gt_boxes_in_image[matched_idxs[img_id]])
+
+        regression_targets = self.box_coder.encode(matched_gt_boxes, proposals)
+        weights = [torch.ones(lab.shape[0], dtype=dtype, device=device) for lab in labels]
+        self.last_num_pos = torch.stack([(lab > 0).sum() for lab in labels])
+        self.last_num_neg = torch.stack([(lab == 0).sum() for lab in labels])
+        return proposals, matched_idxs, labels, list(regression_targets), weights
+
+    def forward(
+        self,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: Optional[list[dict[str, torch.Tensor]]] = None,
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """torchvision's ``RoIHeads.forward`` with the weighted training samples
+        and loss. Args and returns as torchvision: features per FPN level,
+        proposals per image ``[n_i, 4]``, image sizes ``(H, W)``, targets in
+        training; returns ``(detections, losses)``."""
+        if targets is not None:
+            for t in targets:
+                floating_point_types = (torch.float, torch.double, torch.half)
+                if t["boxes"].dtype not in floating_point_types:
+                    raise TypeError(f"target boxes must of float type, instead got {t['boxes'].dtype}")
+                if not t["labels"].dtype == torch.int64:
+                    raise TypeError(f"target labels must of int64 type, instead got {t['labels'].dtype}")
+                if self.has_keypoint():
+                    if not t["keypoints"].dtype == torch.float32:
+                        raise TypeError(f"target keypoints must of float type, instead got {t['keypoints'].dtype}")
+
+        if self.training:
+            proposals, matched_idxs, labels, regression_targets, weights = self.select_weighted_training_samples(
+                proposals, targets)
+        else:
+            labels = None
+            regression_targets = None
+            matched_idxs = None
+            weights = None
+
+        box_features = self.box_roi_pool(features, proposals, image_shapes)
+        box_features = self.box_head(box_features)
+        class_logits, box_regression = self.box_predictor(box_features)
+
+        result: list[dict[str, torch.Tensor]] = []
+        losses = {}
+        if self.training:
+            if labels is None:
+                raise ValueError("labels cannot be None")
+            if regression_targets is None:
+                raise ValueError("regression_targets cannot be None")
+            if weights is None:
+                raise ValueError("weights cannot be None")
+            loss_classifier, loss_box_reg = weighted_fastrcnn_loss(
+                class_logits, box_regression, labels, regression_targets, weights)
+            losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+        else:
+            boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+            num_images = len(boxes)
+            for i in range(num_images):
+                result.append(
+                    {
+                        "boxes": boxes[i],
+                        "labels": labels[i],
+                        "scores": scores[i],
+                    }
+                )
+
+        if self.has_mask():
+            mask_proposals = [p["boxes"] for p in result]
+            if self.training:
+                if matched_idxs is None:
+                    raise ValueError("if in training, matched_idxs should not be None")
+
+                # The mask loss uses the sampled positives, unweighted (as torchvision).
+                num_images = len(proposals)
+                mask_proposals = []
+                pos_matched_idxs = []
+                for img_id in range(num_images):
+                    pos = torch.where(labels[img_id] > 0)[0]
+                    mask_proposals.append(proposals[img_id][pos])
+                    pos_matched_idxs.append(matched_idxs[img_id][pos])
+            else:
+                pos_matched_idxs = None
+
+            if self.mask_roi_pool is not None:
+                mask_features = self.mask_roi_pool(features, mask_proposals, image_shapes)
+                mask_features = self.mask_head(mask_features)
+                mask_logits = self.mask_predictor(mask_features)
+            else:
+                raise Exception("Expected mask_roi_pool to be not None")
+
+            loss_mask = {}
+            if self.training:
+                if targets is None or pos_matched_idxs is None or mask_logits is None:
+                    raise ValueError("targets, pos_matched_idxs, mask_logits cannot be None when training")
+
+                gt_masks = [t["masks"] for t in targets]
+                gt_labels = [t["labels"] for t in targets]
+                rcnn_loss_mask = maskrcnn_loss(mask_logits, mask_proposals, gt_masks, gt_labels, pos_matched_idxs)
+                loss_mask = {"loss_mask": rcnn_loss_mask}
+            else:
+                labels = [r["labels"] for r in result]
+                masks_probs = maskrcnn_inference(mask_logits, labels)
+                for mask_prob, r in zip(masks_probs, result):
+                    r["masks"] = mask_prob
+
+            losses.update(loss_mask)
+
+        if (
+            self.keypoint_roi_pool is not None
+            and self.keypoint_head is not None
+            and self.keypoint_predictor is not None
+        ):
+            keypoint_proposals = [p["boxes"] for p in result]
+            if self.training:
+                num_images = len(proposals)
+                keypoint_proposals = []
+                pos_matched_idxs = []
+                if matched_idxs is None:
+                    raise ValueError("if in training, matched_idxs should not be None")
+
+                for img_id in range(num_images):
+                    pos = torch.where(labels[img_id] > 0)[0]
+                    keypoint_proposals.append(proposals[img_id][pos])
+                    pos_matched_idxs.append(matched_idxs[img_id][pos])
+            else:
+                pos_matched_idxs = None
+
+            keypoint_features = self.keypoint_roi_pool(features, keypoint_proposals, image_shapes)
+            keypoint_features = self.keypoint_head(keypoint_features)
+            keypoint_logits = self.keypoint_predictor(keypoint_features)
+
+            loss_keypoint = {}
+            if self.training:
+                if targets is None or pos_matched_idxs is None:
+                    raise ValueError("both targets and pos_matched_idxs should not be None when in training mode")
+
+                gt_keypoints = [t["keypoints"] for t in targets]
+                rcnn_loss_keypoint = keypointrcnn_loss(
+                    keypoint_logits, keypoint_proposals, gt_keypoints, pos_matched_idxs
+                )
+                loss_keypoint = {"loss_keypoint": rcnn_loss_keypoint}
+            else:
+                if keypoint_logits is None or keypoint_proposals is None:
+                    raise ValueError(
+                        "both keypoint_logits and keypoint_proposals should not be None when not in training mode"
+                    )
+
+                keypoints_probs, kp_scores = keypointrcnn_inference(keypoint_logits, keypoint_proposals)
+                for keypoint_prob, kps, r in zip(keypoints_probs, kp_scores, result):
+                    r["keypoints"] = keypoint_prob
+                    r["keypoints_scores"] = kps
+            losses.update(loss_keypoint)
+
+        return result, losses
+
+
+def _splits(counts: list[int], device: torch.device) -> Tensor:
+    """int64 ``[B+1]`` offsets of a ragged batch, built on the host from the
+    (host-known) shapes and copied without waiting for the device."""
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    return torch.tensor(offsets, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def install_sampler(model: nn.Module, config: Optional[SamplerConfig] = None) -> nn.Module:
+    """Swap ``model.roi_heads`` (a torchvision ``RoIHeads``) for an
+    :class:`OverlapRoIHeads` with ``config`` (None = :class:`SamplerConfig`
+    defaults), in place, keeping every submodule, weight and setting.
+
+    Calling it again on a model that already has one just changes its config.
+    Returns ``model``.
+    """
+    config = SamplerConfig() if config is None else config
+    config.validate()
+    roi_heads = getattr(model, "roi_heads", None)
+    if not isinstance(roi_heads, RoIHeads):
+        raise TypeError(f"model must have a torchvision RoIHeads as .roi_heads (a GeneralizedRCNN such as "
+                        f"FasterRCNN or MaskRCNN); got {type(roi_heads).__name__}")
+    model.roi_heads = OverlapRoIHeads.from_roi_heads(roi_heads, config)
+    return model
