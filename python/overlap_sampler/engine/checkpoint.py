@@ -1,0 +1,164 @@
+"""Checkpoints: everything needed to continue a run bit for bit, written atomically.
+
+A checkpoint is a dict saved with ``torch.save`` holding only tensors, numbers, strings, lists, tuples
+and dicts, so it loads with ``torch.load(weights_only=True)`` (no pickled code is ever executed):
+
+    format            CHECKPOINT_FORMAT
+    iteration         iterations completed
+    model             state_dict of the (unwrapped) detector
+    optimizer, scheduler, scaler    their state_dicts (scaler: {} when AMP is off)
+    config            TrainConfig.to_dict()
+    num_classes       int, background included
+    category_ids      list: label l -> COCO category id category_ids[l - 1]
+    rng               list over ranks of {"python", "numpy", "torch", "cuda"} generator states
+    data              {"seed", "position"}: the data order (see train.IterationBatchSampler)
+    history           the metrics logged so far (continued by a resumed run)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+
+CHECKPOINT_FORMAT = 1
+LAST = "last_checkpoint.pth"
+REQUIRED_KEYS = ("format", "iteration", "model", "config", "num_classes", "category_ids")
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"checkpoint_{iteration:07d}.pth"
+
+
+# ---------------------------------------------------------------------- RNG states
+def get_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and every CUDA generator state, as weights_only-loadable values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``get_rng_state`` returned. CUDA states are restored when the device count matches."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------------- save / load
+def _atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` into a temporary file of the same directory, then ``os.replace``: a reader (or a
+    run killed mid-write) never sees a half-written file under ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(state: dict[str, Any], output_dir: str) -> str:
+    """Write ``state`` to ``<output_dir>/checkpoint_<iteration:07d>.pth`` and update
+    ``<output_dir>/last_checkpoint.pth``, both atomically. Returns the numbered file's path.
+
+    ``state`` must hold at least the keys of ``REQUIRED_KEYS`` (see the module docstring).
+    """
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"save_checkpoint: state lacks {', '.join(missing)}")
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, checkpoint_name(int(state["iteration"])))
+    _atomic_save(state, path)
+    last = os.path.join(output_dir, LAST)
+    # A hard link costs no disk; the replace keeps the update atomic. Copy where links are unsupported.
+    tmp = os.path.join(output_dir, f".tmp_{LAST}.{os.getpid()}")
+    try:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        os.link(path, tmp)
+        os.replace(tmp, last)
+    except OSError:
+        _atomic_save(state, last)
+    return path
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` (``weights_only`` loading: no code runs).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is not a readable
+    checkpoint of this format (truncated, another format, keys missing); both messages name ``path``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        raise ValueError(f"checkpoint {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} is not an overlap-sampler training checkpoint "
+                         f"(missing {', '.join(missing)})")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} has format {state['format']}, this version reads "
+                         f"{CHECKPOINT_FORMAT}")
+    return state
+
+
+def config_from_checkpoint(state: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with."""
+    return TrainConfig.from_dict(state["config"])
+
+
+def build_model_for(config: TrainConfig, num_classes: int, *, initial_weights: bool = True) -> torch.nn.Module:
+    """The detector ``config`` describes (``initial_weights=False`` skips ``config.weights``: used when a
+    checkpoint's state dict is about to replace them anyway)."""
+    from ..detection import build_detector
+
+    return build_detector(config.arch, num_classes, backbone=config.backbone, sampler=config.sampler,
+                          weights=config.weights if initial_weights else None,
+                          box_nms_thresh=config.box_nms_thresh, min_size=config.min_size,
+                          max_size=config.max_size)
+
+
+def load_model_from_checkpoint(path: str, map_location: Any = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
+    """Rebuild the detector saved in a training checkpoint and load its weights.
+
+    Returns ``(model in eval mode on map_location, TrainConfig)``. The label -> COCO category mapping is
+    ``load_checkpoint(path)["category_ids"]`` (not attached to the model, which stays scriptable).
+    Errors: ``FileNotFoundError`` / ``ValueError`` naming ``path`` (see ``load_checkpoint``).
+    """
+    state = load_checkpoint(path, map_location="cpu")
+    config = config_from_checkpoint(state)
+    model = build_model_for(config, int(state["num_classes"]), initial_weights=False)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path}: weights do not fit the model its config describes: {e}") from e
+    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+        model.to(torch.device(map_location))
+    return model.eval(), config

@@ -1,0 +1,274 @@
+"""Training configuration: one dataclass, read from TOML/JSON files and overridden by CLI flags.
+
+Precedence (lowest to highest): the dataclass defaults, the config file, the command-line flags.
+The merged configuration is written to ``<output_dir>/config.json``; passing that file back with
+``--config`` reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..sampling import SamplerConfig
+
+ARCHS = ("fasterrcnn", "maskrcnn")
+DATASETS = ("synthetic", "coco")
+
+
+def _f(default, help: str, **kwargs):
+    """A dataclass field whose help text is shared with the CLI (``cli.py`` builds its flags from it)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train` needs. See each field's ``help`` metadata (also the CLI help).
+
+    The defaults train the ``small`` Faster R-CNN on the built-in synthetic dataset and evaluate it,
+    in a few minutes on 2 CPU cores.
+    """
+
+    # --- data
+    dataset: str = _f("synthetic", "'synthetic' (the built-in dataset, generated on first use) or 'coco' "
+                                   "(COCO-format files given by train_images/train_annotations/val_*)")
+    data_root: str | None = _f(None, "where the synthetic dataset is generated/cached (default: "
+                                     "$OVERLAP_SAMPLER_CACHE or ~/.cache/overlap_sampler)")
+    train_images: str | None = _f(None, "directory of the training images (dataset='coco')")
+    train_annotations: str | None = _f(None, "COCO json of the training images (dataset='coco')")
+    val_images: str | None = _f(None, "directory of the validation images (dataset='coco')")
+    val_annotations: str | None = _f(None, "COCO json of the validation images (dataset='coco')")
+    hflip: float = _f(0.5, "probability of a horizontal flip of each training image (deterministic per "
+                           "position in the data order, so resuming replays the same flips)")
+    # --- model
+    arch: str = _f("fasterrcnn", "detector: 'fasterrcnn' or 'maskrcnn'")
+    backbone: str = _f("small", "backbone: 'small' (fast, CPU-friendly), 'resnet18_fpn' or 'resnet50_fpn'")
+    sampler: SamplerConfig = field(default_factory=SamplerConfig,
+                                   metadata={"help": "RoI sampler settings ([sampler] table)"})
+    weights: str | None = _f(None, "initial weights passed to build_detector (a local file; nothing is "
+                                   "downloaded)")
+    min_size: int = _f(128, "images are resized so that their short side is min_size ...")
+    max_size: int = _f(224, "... and their long side at most max_size (pixels)")
+    box_nms_thresh: float = _f(0.55, "NMS IoU threshold of the RoI head at test time (paper: 0.55)")
+    # --- optimisation
+    iterations: int = _f(300, "total training iterations; the LR schedule is defined by this number")
+    stop_after: int | None = _f(None, "stop (with a checkpoint) after this iteration although the schedule "
+                                      "runs to `iterations`; resume later with --resume auto")
+    batch_size: int = _f(4, "images per iteration per process")
+    lr: float = _f(0.02, "base learning rate of SGD")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(1e-4, "SGD weight decay")
+    warmup_iters: int = _f(50, "iterations of linear LR warm-up from warmup_factor * lr to lr")
+    warmup_factor: float = _f(0.001, "LR multiplier at iteration 0 of the warm-up")
+    lr_steps: list[int] | None = _f(None, "iterations at which the LR is multiplied by lr_gamma "
+                                          "(default: 2/3 and 8/9 of `iterations`)")
+    lr_gamma: float = _f(0.1, "LR decay factor at each of lr_steps")
+    clip_grad_norm: float | None = _f(None, "clip the gradient norm to this value (off when unset)")
+    amp: bool = _f(False, "mixed precision (torch.autocast + GradScaler); CUDA only, ignored with a "
+                          "logged note on CPU")
+    # --- run
+    output_dir: str = _f("output/train", "directory for checkpoints, logs, metrics and plots")
+    checkpoint_every: int = _f(100, "write a checkpoint every this many iterations (and at the end)")
+    resume: str | None = _f(None, "checkpoint to resume from, or 'auto' = <output_dir>/last_checkpoint.pth "
+                                  "if it exists")
+    device: str = _f("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
+    seed: int = _f(0, "seed of every random number generator and of the data order")
+    num_workers: int = _f(0, "data-loading worker processes per training process")
+    log_every: int = _f(10, "log losses, LR and fg/bg counts every this many iterations")
+    progress: bool = _f(True, "show a tqdm progress bar (rank 0)")
+    eval_at_end: bool = _f(True, "evaluate on the validation split at the end (COCO AP)")
+    eval_batch_size: int = _f(4, "images per batch during the final evaluation")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Build from a plain dict (as in a config file). Unknown keys raise ``ValueError`` naming them.
+
+        ``d["sampler"]`` may be a dict of SamplerConfig fields, optionally with ``preset`` (a name for
+        ``SamplerConfig.preset``; the other keys then override the preset), or a preset name string.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a training config must be a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training config key(s): {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(names))})")
+        values = dict(d)
+        if "sampler" in values:
+            values["sampler"] = sampler_from_value(values["sampler"])
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """Read a ``.toml`` or ``.json`` file, then apply ``overrides`` (e.g. CLI flags) on top.
+
+        ``overrides`` uses the same keys as the file; ``overrides["sampler"]`` is merged into the file's
+        sampler table key by key (a ``preset`` key in the overrides replaces the file's sampler first).
+        """
+        data = read_config_file(path)
+        return cls.from_dict(merge(data, overrides or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict that ``from_dict`` turns back into an equal config."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["sampler"] = self.sampler.to_dict()
+        if d["lr_steps"] is not None:
+            d["lr_steps"] = list(d["lr_steps"])
+        return d
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        def bad(name, expected):
+            raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return (isinstance(v, (int, float))) and not isinstance(v, bool)
+
+        if self.dataset not in DATASETS:
+            bad("dataset", f"one of {DATASETS}")
+        paths = ("train_images", "train_annotations", "val_images", "val_annotations")
+        for name in paths + ("data_root", "weights", "resume"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, str) and v):
+                bad(name, "a non-empty path string or unset")
+        if self.dataset == "synthetic":
+            given = [p for p in paths if getattr(self, p) is not None]
+            if given:
+                raise ValueError(f"TrainConfig.{given[0]} is set but dataset is 'synthetic'; "
+                                 "set dataset = 'coco' to train on your own files")
+        else:
+            needed = ["train_images", "train_annotations"]
+            if self.eval_at_end:
+                needed += ["val_images", "val_annotations"]
+            for p in needed:
+                if getattr(self, p) is None:
+                    raise ValueError(f"TrainConfig.{p} is required with dataset = 'coco'"
+                                     + (" (or set eval_at_end = false)" if p.startswith("val") else ""))
+        if not (is_num(self.hflip) and 0.0 <= self.hflip <= 1.0):
+            bad("hflip", "a probability in [0, 1]")
+        if self.arch not in ARCHS:
+            bad("arch", f"one of {ARCHS}")
+        if not isinstance(self.backbone, str):
+            bad("backbone", "a string")
+        if not isinstance(self.sampler, SamplerConfig):
+            bad("sampler", "a SamplerConfig")
+        self.sampler.validate()
+        for name in ("min_size", "max_size", "iterations", "batch_size", "checkpoint_every", "log_every",
+                     "eval_batch_size"):
+            if not (is_int(getattr(self, name)) and getattr(self, name) > 0):
+                bad(name, "a positive integer")
+        if self.max_size < self.min_size:
+            bad("max_size", f">= min_size ({self.min_size})")
+        for name in ("warmup_iters", "num_workers", "seed"):
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= 0):
+                bad(name, "a non-negative integer")
+        if self.stop_after is not None and not (is_int(self.stop_after) and self.stop_after > 0):
+            bad("stop_after", "a positive integer or unset")
+        if not (is_num(self.box_nms_thresh) and 0.0 < self.box_nms_thresh <= 1.0):
+            bad("box_nms_thresh", "a number in (0, 1]")
+        if not (is_num(self.lr) and self.lr > 0):
+            bad("lr", "a positive number")
+        for name in ("momentum", "weight_decay"):
+            if not (is_num(getattr(self, name)) and getattr(self, name) >= 0):
+                bad(name, "a non-negative number")
+        if not (is_num(self.warmup_factor) and 0 < self.warmup_factor <= 1):
+            bad("warmup_factor", "a number in (0, 1]")
+        if not (is_num(self.lr_gamma) and self.lr_gamma > 0):
+            bad("lr_gamma", "a positive number")
+        if self.lr_steps is not None:
+            if not (isinstance(self.lr_steps, (list, tuple)) and all(is_int(s) and s > 0 for s in self.lr_steps)
+                    and list(self.lr_steps) == sorted(self.lr_steps)):
+                bad("lr_steps", "an increasing list of positive integers or unset")
+            self.lr_steps = list(self.lr_steps)
+        if self.clip_grad_norm is not None and not (is_num(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            bad("clip_grad_norm", "a positive number or unset")
+        for name in ("amp", "progress", "eval_at_end"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "true or false")
+        if not (isinstance(self.output_dir, str) and self.output_dir):
+            bad("output_dir", "a non-empty path string")
+        if not (isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda")
+                                                  or self.device.startswith("cuda:"))):
+            bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    # ------------------------------------------------------------------ derived values
+    def resolved_lr_steps(self) -> list[int]:
+        """``lr_steps``, or 2/3 and 8/9 of ``iterations`` (the proportions of the usual 1x schedule)."""
+        if self.lr_steps is not None:
+            return list(self.lr_steps)
+        return [max(1, (2 * self.iterations) // 3), max(1, (8 * self.iterations) // 9)]
+
+
+def sampler_from_value(value: Any) -> SamplerConfig:
+    """A SamplerConfig from a preset name, a SamplerConfig, or a dict (optionally with ``preset``)."""
+    if isinstance(value, SamplerConfig):
+        return value
+    if isinstance(value, str):
+        return SamplerConfig.preset(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"TrainConfig.sampler must be a table/dict or a preset name, got {value!r}")
+    value = dict(value)
+    preset = value.pop("preset", None)
+    if preset is None:
+        base = SamplerConfig().to_dict()
+    else:
+        base = SamplerConfig.preset(preset).to_dict()
+    base.update(value)
+    return SamplerConfig.from_dict(base)
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` on top; the ``sampler`` sub-dict is merged key by key, except that a
+    ``preset`` in the overrides discards the base's sampler settings."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if key == "sampler" and isinstance(value, dict):
+            old = out.get("sampler")
+            if "preset" in value or old is None:
+                out["sampler"] = dict(value)
+            else:
+                if isinstance(old, str):
+                    old = {"preset": old}
+                elif isinstance(old, SamplerConfig):
+                    old = old.to_dict()
+                out["sampler"] = {**old, **value}
+        else:
+            out[key] = value
+    return out
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The dict in a ``.toml`` or ``.json`` config file; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".toml", ".json"):
+        raise ValueError(f"config file {path}: expected a .toml or .json file, got extension {ext!r}")
+    try:
+        if ext == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        else:
+            with open(path) as f:
+                data = json.load(f)
+    except ValueError as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"config file {path} could not be parsed: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a table/object at the top level")
+    return data

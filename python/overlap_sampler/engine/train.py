@@ -1,0 +1,508 @@
+"""Iteration-based detector training: SGD with warm-up and step LR, optional AMP, DDP, exact resume.
+
+``train(TrainConfig(...))`` runs the whole job: data, model, optimisation, checkpoints, logs, the loss
+curve and (on rank 0) the final COCO evaluation. Outputs in ``config.output_dir``:
+
+    config.json                the merged configuration (``--config`` it to reproduce the run)
+    train.log                  the log (appended by resumed runs)
+    checkpoint_XXXXXXX.pth     every ``checkpoint_every`` iterations and at the end
+    last_checkpoint.pth        the newest of them (what ``--resume auto`` reads)
+    metrics.json               logged losses, LR, fg/bg counts and times; final eval metrics
+    loss_curve.png             losses and LR against iterations
+    eval.json                  the final evaluation (``evaluate``'s dict)
+
+Exact resume. Everything random is a function of saved state: the data order is a pure function of
+(seed, global sample position) -- see ``IterationBatchSampler`` -- and the Python, NumPy, torch CPU and
+CUDA generators of every rank are saved in each checkpoint and restored before the first resumed
+iteration. The LR is a pure function of the iteration and the config (``lr_at``). On CPU a run killed
+after a checkpoint and resumed with ``resume="auto"`` therefore ends with the same weights, bit for bit,
+as an uninterrupted run (tests/test_train.py checks it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import distributed as D
+from .checkpoint import (CHECKPOINT_FORMAT, LAST, build_model_for, get_rng_state, load_checkpoint,
+                         save_checkpoint, set_rng_state)
+from .config import TrainConfig
+
+LOGGER_NAME = "overlap_sampler.train"
+
+# Config fields whose change between a run and its resumption changes the result (a warning is logged).
+_RESULT_FIELDS = ("dataset", "data_root", "train_images", "train_annotations", "hflip", "arch", "backbone",
+                  "sampler", "weights", "min_size", "max_size", "iterations", "batch_size", "lr", "momentum",
+                  "weight_decay", "warmup_iters", "warmup_factor", "lr_steps", "lr_gamma", "clip_grad_norm",
+                  "amp", "seed")
+
+
+# ---------------------------------------------------------------------- learning rate
+def lr_at(config: TrainConfig, iteration: int) -> float:
+    """The LR of (0-based) ``iteration``: linear warm-up from ``warmup_factor * lr`` over ``warmup_iters``,
+    times ``lr_gamma`` per passed step of ``config.resolved_lr_steps()``.
+
+    A pure function of the config and the iteration, so where a run stopped never changes the schedule.
+    """
+    factor = config.lr_gamma ** bisect.bisect_right(config.resolved_lr_steps(), iteration)
+    if iteration < config.warmup_iters:
+        alpha = iteration / config.warmup_iters
+        factor *= config.warmup_factor * (1.0 - alpha) + alpha
+    return config.lr * factor
+
+
+class IterationLR:
+    """Sets the optimizer's LR from ``lr_at`` before each iteration. Its state is just the iteration;
+    the schedule itself always comes from the current config."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: TrainConfig):
+        self.optimizer, self.config, self.iteration = optimizer, config, 0
+
+    def set(self, iteration: int) -> float:
+        self.iteration = iteration
+        lr = lr_at(self.config, iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "lr_steps": self.config.resolved_lr_steps(),
+                "warmup_iters": self.config.warmup_iters}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+
+
+# ---------------------------------------------------------------------- data order
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # SeedSequence mixes (seed, epoch) into independent streams; seed + epoch would make seed 1 / epoch 0
+    # replay seed 0 / epoch 1.
+    state = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
+    return torch.Generator().manual_seed(state)
+
+
+class IterationBatchSampler(Sampler):
+    """Batches of ``(dataset index, flip)`` pairs in a deterministic, resumable order.
+
+    The order is a pure function of the *global sample position* p (samples consumed by all ranks):
+    epoch ``e = p // N`` is a permutation of the N images drawn with a generator seeded by (seed, e),
+    and sample p is ``perm_e[p % N]``, horizontally flipped when a uniform drawn with the same generator is
+    below ``hflip``. Iteration i takes positions ``[i * B * W, (i + 1) * B * W)``; rank r the slice
+    ``[r * B, (r + 1) * B)`` of them (B = per-rank batch size, W = world size), so DDP ranks share one
+    permutation and never see the same image in an iteration. Resuming = starting at a later position.
+
+    Yields ``num_batches`` batches starting at global position ``start_position``.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int, start_position: int, num_batches: int,
+                 rank: int = 0, world_size: int = 1, hflip: float = 0.0):
+        if num_samples <= 0:
+            raise ValueError(f"the training dataset is empty (num_samples={num_samples})")
+        self.n, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.start_position, self.num_batches = start_position, num_batches
+        self.rank, self.world_size, self.hflip = rank, world_size, hflip
+        self._epoch, self._perm, self._flip = -1, None, None
+
+    def _sample(self, position: int) -> tuple[int, bool]:
+        epoch, offset = divmod(position, self.n)
+        if epoch != self._epoch:
+            g = _epoch_generator(self.seed, epoch)
+            self._perm = torch.randperm(self.n, generator=g).tolist()
+            self._flip = (torch.rand(self.n, generator=g) < self.hflip).tolist()
+            self._epoch = epoch
+        return self._perm[offset], bool(self._flip[offset])
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        global_batch = self.batch_size * self.world_size
+        for b in range(self.num_batches):
+            first = self.start_position + b * global_batch + self.rank * self.batch_size
+            yield [self._sample(p) for p in range(first, first + self.batch_size)]
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+class FlipDataset(Dataset):
+    """Wraps a detection dataset so that ``ds[(i, flip)]`` is ``ds[i]``, mirrored left-right if ``flip``
+    (image, ``boxes`` x1y1x2y2 and ``masks``)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, flip = key
+        image, target = self.base[index]
+        if flip:
+            width = image.shape[-1]
+            image = image.flip(-1)
+            target = dict(target)
+            boxes = target["boxes"]
+            if boxes.numel():
+                target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]],
+                                              dim=1)
+            if "masks" in target:
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
+
+
+def _collate(batch):
+    from ..data import collate
+
+    return collate(batch)
+
+
+# ---------------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console logging that does not break a tqdm bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logger(output_dir: str | None, is_main: bool) -> logging.Logger:
+    """The train logger: console (+ ``output_dir/train.log`` on rank 0); other ranks log warnings only."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = _TqdmHandler()
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if is_main and output_dir is not None:
+        file = logging.FileHandler(os.path.join(output_dir, "train.log"), mode="a")
+        file.setFormatter(fmt)
+        logger.addHandler(file)
+    return logger
+
+
+def dataset_paths(config: TrainConfig, split: str) -> tuple[str, str]:
+    """(image_dir, annotation_file) of ``split`` ("train" or "val") for ``config``."""
+    if config.dataset == "synthetic":
+        from ..data import synthetic_dataset
+
+        return synthetic_dataset(split, root=config.data_root)
+    if split == "train":
+        return config.train_images, config.train_annotations
+    return config.val_images, config.val_annotations
+
+
+def make_dataset(config: TrainConfig, split: str):
+    """The ``CocoDetection`` of ``split`` (with masks for Mask R-CNN training)."""
+    from ..data import CocoDetection
+
+    images, annotations = dataset_paths(config, split)
+    return CocoDetection(images, annotations, masks=(config.arch == "maskrcnn" and split == "train"))
+
+
+def _resolve_resume(config: TrainConfig) -> str | None:
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        path = os.path.join(config.output_dir, LAST)
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(config.resume):
+        raise FileNotFoundError(f"resume checkpoint not found: {config.resume}")
+    return config.resume
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: str) -> None:
+    """Losses (log scale) and LR against iterations, as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 1]})
+    if history:
+        its = [h["iteration"] for h in history]
+        keys = ["loss"] + sorted(k for k in history[0] if k.startswith("loss_"))
+        for k in keys:
+            ax_loss.plot(its, [h.get(k, float("nan")) for h in history], label=k, lw=2 if k == "loss" else 1)
+        ax_lr.plot(its, [h["lr"] for h in history], color="k")
+    ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("loss (mean over each log window)")
+    ax_loss.grid(True, which="both", alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("iteration")
+    ax_lr.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- the job
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train ``config``'s detector; returns the metrics dict that is also written to ``metrics.json``.
+
+    Under ``torchrun`` every process calls this; only rank 0 logs to file, writes and evaluates, and the
+    returned dict is rank 0's (other ranks get ``{"rank": r}``). The process group is destroyed on exit.
+    """
+    config.validate()
+    info = D.init_distributed(config.device)
+    try:
+        result = _train(config, info)
+    except BaseException:
+        # No barrier: the other ranks may be stuck elsewhere; torchrun tears them down.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    D.cleanup()
+    return result
+
+
+def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
+    device = info.device
+    if info.is_main:
+        os.makedirs(config.output_dir, exist_ok=True)
+    D.barrier()
+    logger = setup_logger(config.output_dir, info.is_main)
+    if info.is_main:
+        _write_json(os.path.join(config.output_dir, "config.json"), config.to_dict())
+    logger.info("training %s/%s with sampler %s on %s (world size %d)", config.arch, config.backbone,
+                config.sampler.to_dict(), device, info.world_size)
+
+    use_amp = config.amp and device.type == "cuda"
+    if config.amp and not use_amp:
+        logger.warning("amp=true needs CUDA; training on %s in float32 instead", device)
+
+    # ---- resume state (read on every rank: each restores its own generators)
+    resume_path = _resolve_resume(config)
+    state = None
+    if resume_path is not None:
+        state = load_checkpoint(resume_path)
+        logger.info("resuming from %s (iteration %d)", resume_path, state["iteration"])
+        old = state["config"]
+        new = config.to_dict()
+        changed = [k for k in _RESULT_FIELDS if old.get(k) != new.get(k)]
+        if changed:
+            logger.warning("resuming with changed settings %s: the result will differ from an uninterrupted "
+                           "run", ", ".join(changed))
+    elif config.resume == "auto":
+        logger.info("resume=auto: no %s in %s, starting from scratch", LAST, config.output_dir)
+
+    seed_everything(config.seed)
+
+    # ---- data (rank 0 first: generating the synthetic dataset must not race)
+    if info.is_main:
+        train_set = make_dataset(config, "train")
+    D.barrier()
+    if not info.is_main:
+        train_set = make_dataset(config, "train")
+    num_classes, category_ids = int(train_set.num_classes), list(train_set.category_ids)
+    if state is not None and (int(state["num_classes"]) != num_classes
+                              or list(state["category_ids"]) != category_ids):
+        raise ValueError(f"resume checkpoint {resume_path} was trained on categories {state['category_ids']}, "
+                         f"the training data has {category_ids}")
+    logger.info("training images: %d, classes: %d (+ background)", len(train_set), num_classes - 1)
+
+    # ---- model and optimisation
+    model = build_model_for(config, num_classes, initial_weights=state is None).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    schedule = IterationLR(optimizer, config)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_iter, history, elapsed_before = 0, [], 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        if use_amp and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_iter = int(state["iteration"])
+        history = list(state.get("history", []))
+        elapsed_before = float(state.get("elapsed", 0.0))
+        rngs = state.get("rng") or []
+        if len(rngs) == info.world_size:
+            set_rng_state(rngs[info.rank])
+        else:
+            # A different world size cannot replay the old streams; give each rank a fresh, distinct one.
+            logger.warning("checkpoint holds generator states of %d ranks, running %d: reseeding", len(rngs),
+                           info.world_size)
+            seed_everything(config.seed + 1000003 * (start_iter + 1) + info.rank)
+    elif info.rank > 0:
+        # Same initial weights on every rank (DDP broadcasts rank 0's anyway), distinct RoI sampling.
+        seed_everything(config.seed + info.rank)
+    model = D.wrap_model(model, info)
+    core = D.unwrap_model(model)
+
+    end_iter = config.iterations if config.stop_after is None else min(config.iterations, config.stop_after)
+    global_batch = config.batch_size * info.world_size
+    start_position = int(state["data"]["position"]) if state is not None else 0
+    sampler = IterationBatchSampler(len(train_set), config.batch_size, seed=config.seed,
+                                    start_position=start_position, num_batches=max(0, end_iter - start_iter),
+                                    rank=info.rank, world_size=info.world_size, hflip=config.hflip)
+    # Own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG,
+    # which would shift every later random number of a resumed run.
+    loader = DataLoader(FlipDataset(train_set), batch_sampler=sampler, num_workers=config.num_workers,
+                        collate_fn=_collate, generator=torch.Generator().manual_seed(config.seed),
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+
+    def checkpoint(iteration: int, position: int) -> str | None:
+        rngs = D.all_gather_objects(get_rng_state())
+        if not info.is_main:
+            return None
+        payload = {
+            "format": CHECKPOINT_FORMAT, "iteration": iteration, "model": core.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+            "scaler": scaler.state_dict() if use_amp else {}, "config": config.to_dict(),
+            "num_classes": num_classes, "category_ids": category_ids, "rng": rngs,
+            "data": {"seed": config.seed, "position": position}, "history": history,
+            "elapsed": elapsed_before + (time.perf_counter() - t_start), "world_size": info.world_size,
+        }
+        path = save_checkpoint(payload, config.output_dir)
+        write_metrics(None)
+        logger.info("checkpoint %s", path)
+        return path
+
+    def write_metrics(eval_metrics):
+        if not info.is_main:
+            return
+        metrics = {"config": config.to_dict(), "device": str(device), "world_size": info.world_size,
+                   "iteration": iteration, "iterations": config.iterations,
+                   "train_time_s": elapsed_before + (time.perf_counter() - t_start), "history": history,
+                   "eval": eval_metrics}
+        _write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
+        plot_loss_curve(history, os.path.join(config.output_dir, "loss_curve.png"))
+        return metrics
+
+    # ---- the loop
+    from tqdm import tqdm
+
+    bar = tqdm(total=end_iter, initial=start_iter, disable=not (info.is_main and config.progress),
+               dynamic_ncols=True, desc="train", file=sys.stderr)
+    model.train()
+    iteration = start_iter
+    t_start = time.perf_counter()
+    window: dict[str, float] = {}
+    window_n, window_pos, window_neg, window_images, window_t = 0, 0, 0, 0, time.perf_counter()
+    last_ckpt = None
+    logger.info("iterations %d -> %d of %d, %d images per iteration, LR steps at %s", start_iter, end_iter,
+                config.iterations, global_batch, config.resolved_lr_steps())
+    for images, targets in loader:
+        lr = schedule.set(iteration)
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, enabled=use_amp):
+            loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.clip_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        iteration += 1
+
+        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        total = sum(values.values())
+        if not math.isfinite(total):
+            raise FloatingPointError(f"non-finite loss at iteration {iteration} (rank {info.rank}): {values}")
+        for k, v in values.items():
+            window[k] = window.get(k, 0.0) + v
+        window["loss"] = window.get("loss", 0.0) + total
+        window_n += 1
+        num_pos = getattr(core.roi_heads, "last_num_pos", None)
+        num_neg = getattr(core.roi_heads, "last_num_neg", None)
+        pos = int(num_pos.sum()) if num_pos is not None else 0
+        neg = int(num_neg.sum()) if num_neg is not None else 0
+        window_pos += pos
+        window_neg += neg
+        window_images += len(images)
+        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", fg=pos, bg=neg, refresh=False)
+        bar.update(1)
+
+        if iteration % config.log_every == 0 or iteration == end_iter:
+            keys = sorted(window)
+            packed = torch.tensor([window[k] for k in keys] + [window_n, window_pos, window_neg, window_images],
+                                  dtype=torch.float64)
+            # Gloo reduces CPU tensors, NCCL CUDA ones.
+            packed = D.all_reduce_sum(packed.to(device) if info.distributed and device.type == "cuda"
+                                      else packed).cpu()
+            n = float(packed[len(keys)])
+            entry = {"iteration": iteration, "lr": lr}
+            entry.update({k: float(packed[i]) / n for i, k in enumerate(keys)})
+            nimg = max(float(packed[-1]), 1.0)
+            entry["fg_per_image"] = float(packed[-3]) / nimg
+            entry["bg_per_image"] = float(packed[-2]) / nimg
+            now = time.perf_counter()
+            entry["time_per_iter"] = (now - window_t) / window_n
+            entry["time"] = elapsed_before + (now - t_start)
+            history.append(entry)
+            logger.info("iter %d/%d  loss %.4f (%s)  lr %.3g  fg/bg per image %.1f/%.1f  %.3fs/iter",
+                        iteration, config.iterations, entry["loss"],
+                        ", ".join(f"{k[5:] if k.startswith('loss_') else k} {entry[k]:.3f}"
+                                  for k in keys if k != "loss"),
+                        lr, entry["fg_per_image"], entry["bg_per_image"], entry["time_per_iter"])
+            window, window_n, window_pos, window_neg, window_images = {}, 0, 0, 0, 0
+            window_t = now
+        if iteration % config.checkpoint_every == 0 or iteration == end_iter:
+            last_ckpt = checkpoint(iteration, start_position + (iteration - start_iter) * global_batch)
+    bar.close()
+    if iteration == start_iter and info.is_main:
+        logger.info("nothing to train: the checkpoint is at iteration %d of %d", iteration, end_iter)
+
+    result: dict[str, Any] = {"rank": info.rank}
+    if not info.is_main:
+        return result
+    finished = iteration >= config.iterations
+    eval_metrics = None
+    if finished and config.eval_at_end:
+        from .evaluate import evaluate, format_table
+
+        val_set = make_dataset(config, "val")
+        if list(val_set.category_ids) != category_ids:
+            raise ValueError(f"validation categories {val_set.category_ids} differ from the training "
+                             f"categories {category_ids}")
+        logger.info("evaluating on %d validation images", len(val_set))
+        eval_metrics = evaluate(core, val_set, device=device, batch_size=config.eval_batch_size,
+                                progress=config.progress)
+        logger.info("evaluation:\n%s", format_table(eval_metrics))
+        _write_json(os.path.join(config.output_dir, "eval.json"), eval_metrics)
+    elif not finished:
+        logger.info("stopped at iteration %d of %d; continue with resume='auto'", iteration, config.iterations)
+    metrics = write_metrics(eval_metrics)
+    metrics["checkpoint"] = last_ckpt or resume_path
+    metrics["output_dir"] = config.output_dir
+    return metrics
