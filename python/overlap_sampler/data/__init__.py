@@ -7,7 +7,7 @@
   shapes; :func:`synthetic_dataset` is the built-in one, generated once into a cache folder.
 """
 
-from .coco import BOX_TOLERANCE, CocoDetection, DatasetError, collate
+from .coco import BOX_TOLERANCE, CocoDetection, DatasetError, collate, decode_rle
 from .synthetic import (
     CATEGORIES,
     SYNTHETIC_IMAGE_SIZE,
@@ -22,5 +22,5 @@ from .synthetic import (
 __all__ = [
     "BOX_TOLERANCE", "CATEGORIES", "CocoDetection", "DatasetError", "SYNTHETIC_IMAGE_SIZE",
     "SYNTHETIC_NUM_IMAGES", "SYNTHETIC_SEED", "SYNTHETIC_VERSION", "collate", "default_cache_dir",
-    "make_synthetic_coco", "synthetic_dataset",
+    "decode_rle", "make_synthetic_coco", "synthetic_dataset",
 ]

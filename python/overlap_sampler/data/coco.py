@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,12 +22,24 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-__all__ = ["BOX_TOLERANCE", "CocoDetection", "DatasetError", "collate"]
+__all__ = ["BOX_TOLERANCE", "CocoDetection", "DatasetError", "collate", "decode_rle"]
 
 #: How far (pixels) a box may stick out of its image before the file is rejected. Annotation tools
 #: round coordinates, so boxes touching the border are often a fraction of a pixel outside; such
 #: boxes are clipped to the image instead.
 BOX_TOLERANCE = 1.0
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """``pycocotools.mask.decode`` of one RLE -> uint8 ``[H, W]`` of 0/1.
+
+    pycocotools 2.0.x calls ``np.array(..., copy=False)`` on its own mask object, which numpy 2
+    answers with a DeprecationWarning on every call; the result is correct, so it is silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword",
+                                category=DeprecationWarning)
+        return mask_utils.decode(rle)
 
 
 class DatasetError(ValueError):
@@ -253,7 +266,7 @@ class CocoDetection(torch.utils.data.Dataset):
             rle = mask_utils.frPyObjects(seg, height, width)
         else:  # compressed RLE, used as is
             rle = seg
-        return mask_utils.decode(rle)
+        return decode_rle(rle)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image_id = self.image_ids[index]

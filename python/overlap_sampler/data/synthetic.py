@@ -29,6 +29,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from .coco import decode_rle
+
 __all__ = [
     "CATEGORIES", "SYNTHETIC_IMAGE_SIZE", "SYNTHETIC_NUM_IMAGES", "SYNTHETIC_SEED", "SYNTHETIC_VERSION",
     "default_cache_dir", "make_synthetic_coco", "synthetic_dataset",
@@ -116,7 +118,7 @@ def _place(outline: np.ndarray, centre: np.ndarray, size: int) -> list[float]:
 
 def _rasterise(polygon: list[float], size: int) -> np.ndarray:
     rle = mask_utils.frPyObjects([polygon], size, size)
-    return mask_utils.decode(mask_utils.merge(rle)).astype(bool)
+    return decode_rle(mask_utils.merge(rle)).astype(bool)
 
 
 def _draw_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[dict]]:
