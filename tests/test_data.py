@@ -127,6 +127,17 @@ def test_synthetic_is_reused_and_regenerated_when_incomplete_or_different(tmp_pa
     assert sorted(os.listdir(root)) == [".train.lock", "train"]  # no temporary folders left
 
 
+def test_leftovers_of_crashed_runs_are_removed_once_old(tmp_path):
+    stale, recent = tmp_path / ".train.tmp-crashed", tmp_path / ".train.tmp-running-elsewhere"
+    for folder in (stale, recent):
+        (folder / "images").mkdir(parents=True)
+    two_hours_ago = os.path.getmtime(stale) - 7200
+    for path in (stale, stale / "images"):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    make_synthetic_coco(str(tmp_path), num_images=1, image_size=SIZE)
+    assert not stale.exists() and recent.exists()
+
+
 def _generate_in_child(root: str, barrier, locked: bool) -> None:
     if not locked:  # both processes generate and race on the final rename
         synthetic._lock = lambda path: contextlib.nullcontext(False)

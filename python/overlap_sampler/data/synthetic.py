@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -239,7 +240,7 @@ def _lock(path: str) -> Iterator[bool]:
     """Exclusive lock on ``path`` while generating; yields whether a lock is held.
 
     Only saves work (other processes wait instead of generating the same bytes): correctness comes
-    from the atomic rename, so where ``fcntl`` is missing this runs unlocked.
+    from the atomic rename, so where ``fcntl`` or file locking is missing this runs unlocked.
     """
     try:
         import fcntl
@@ -247,11 +248,30 @@ def _lock(path: str) -> Iterator[bool]:
         yield False
         return
     with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError:  # e.g. ENOLCK on some network file systems
+            yield False
+            return
         try:
             yield True
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_leftovers(root: str, split: str, min_age_s: float = 3600.0) -> None:
+    """Remove temporary folders of crashed runs (untouched for ``min_age_s``; younger ones may
+    belong to a process on another machine sharing ``root``)."""
+    now = time.time()
+    for name in os.listdir(root):
+        if not name.startswith((f".{split}.tmp-", f"{split}.old-")):
+            continue
+        path = os.path.join(root, name)
+        with contextlib.suppress(OSError):
+            touched = max(os.path.getmtime(path), os.path.getmtime(os.path.join(path, _IMAGE_DIR))
+                          if os.path.isdir(os.path.join(path, _IMAGE_DIR)) else 0.0)
+            if now - touched > min_age_s:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _install(tmp: str, dest: str, params: dict) -> None:
@@ -317,10 +337,8 @@ def make_synthetic_coco(root: str, *, num_images: int, image_size: int = 128, se
     with _lock(os.path.join(root, f".{split}.lock")) as locked:
         if _is_complete(dest, params):  # made by another process while this one waited
             return paths
-        if locked:  # nobody else is generating: leftovers of crashed runs can go
-            for name in os.listdir(root):
-                if name.startswith((f".{split}.tmp-", f"{split}.old-")):
-                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        if locked:
+            _remove_leftovers(root, split)
         tmp = tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=root)
         try:
             _generate(tmp, params)
