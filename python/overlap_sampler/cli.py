@@ -1,23 +1,178 @@
-"""`overlap-sampler` command line: `demo`, `info`."""
+"""`overlap-sampler` command line: `train`, `eval`, `export`, `demo`, `info`.
+
+    overlap-sampler train [--config FILE.toml|FILE.json] [--flag value ...]
+    overlap-sampler eval --checkpoint PATH [--dataset synthetic | --val-images D --val-annotations F]
+    overlap-sampler export --checkpoint PATH --output FILE.pt
+    torchrun --nproc_per_node 2 -m overlap_sampler.cli train ...      (DDP: NCCL on CUDA, Gloo on CPU)
+
+`train` with no arguments trains the small Faster R-CNN on the built-in synthetic dataset and evaluates it.
+Settings come from the TrainConfig defaults, then the config file, then the flags (highest).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from typing import Any
+
+# Help texts of the [sampler] settings (the SamplerConfig fields; `sampler` itself is the --sampler preset).
+SAMPLER_HELP = {
+    "neg_strategy": "strategy for negatives by their IoU_p,n: uniform, hard, soft (Eq. 2), soft_reference, "
+                    "linear (Eq. 3) or iou_balanced",
+    "pos_strategy": "strategy for positives by their max IoU with the negatives (same list, no iou_balanced)",
+    "num_bins": "K, the number of equal IoU bins of the soft strategies (1 = uniform)",
+    "hard_thresh": "theta of the hard strategy: candidates with key >= theta are drawn first",
+    "bin_upper": "fixed upper end of the soft bins (paper footnote 3: 0.7); default: each image's max key",
+    "pos_weight": "epsilon, loss weight of the best sampled positive of each ground truth (1 = off)",
+    "pos_key": "a positive's key is its max IoU with the 'negatives' of its image or with 'all' other examples",
+    "batch_size_per_image": "RoIs sampled per image for the RoI-head losses",
+    "positive_fraction": "at most round(batch_size_per_image * positive_fraction) positives per image",
+    "fg_iou_thresh": "IoU with the best ground truth >= this: positive",
+    "bg_iou_thresh": "IoU with the best ground truth < this: negative",
+}
+SAMPLER_PRESETS = ("overlap", "random", "iou_balanced")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _arg_type(type_str: str):
+    """(argparse kwargs) for a dataclass field annotation string such as ``"int | None"``."""
+    base = type_str.replace(" | None", "").replace("Optional[", "").rstrip("]").strip()
+    if base == "bool":
+        return {"action": argparse.BooleanOptionalAction}
+    if base.startswith("list[int"):
+        return {"type": int, "nargs": "*", "metavar": "N"}
+    return {"type": {"int": int, "float": float, "str": str}.get(base, str)}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (help from its metadata) and per sampler setting; every default is
+    ``argparse.SUPPRESS`` so that only the flags actually given override the config file."""
+    from . import NEGATIVE_STRATEGIES, POSITIVE_STRATEGIES
+    from .detection import BACKBONES
+    from .engine.config import ARCHS, DATASETS, TrainConfig
+    from .sampling import POSITIVE_KEYS, SamplerConfig
+
+    parser.add_argument("--config", help="TOML or JSON config file (keys = the flags below with underscores; "
+                                         "sampler settings in a [sampler] table); flags override it")
+    choices = {"arch": ARCHS, "dataset": DATASETS, "backbone": BACKBONES}
+    group = parser.add_argument_group("training settings (defaults in brackets)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "sampler":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = _arg_type(str(f.type))
+        if f.name in choices:
+            kwargs["choices"] = choices[f.name]
+        group.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} [{default}]", **kwargs)
+    sampler = parser.add_argument_group("RoI sampler settings (the [sampler] table)")
+    sampler.add_argument("--sampler", dest="sampler__preset", choices=SAMPLER_PRESETS, default=argparse.SUPPRESS,
+                         help="start from a preset: overlap (paper's best: soft K=2 for both, epsilon 2), "
+                              "random (torchvision's sampler) or iou_balanced (Libra R-CNN); the flags below "
+                              "and not the config file's [sampler] table then refine it [overlap]")
+    defaults = SamplerConfig()
+    sampler_choices = {"neg_strategy": NEGATIVE_STRATEGIES, "pos_strategy": POSITIVE_STRATEGIES,
+                       "pos_key": POSITIVE_KEYS}
+    for f in dataclasses.fields(SamplerConfig):
+        if f.name == "sampler":
+            continue
+        kwargs = _arg_type(str(f.type))
+        if f.name in sampler_choices:
+            kwargs["choices"] = tuple(sampler_choices[f.name])
+        else:
+            kwargs.setdefault("metavar", f.name.upper())
+        sampler.add_argument(_flag(f.name), dest="sampler__" + f.name, default=argparse.SUPPRESS,
+                             help=f"{SAMPLER_HELP.get(f.name, f.name)} [{getattr(defaults, f.name)}]", **kwargs)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig keys given on the command line (``sampler`` as a dict, with ``preset`` if given)."""
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    out: dict[str, Any] = {}
+    sampler: dict[str, Any] = {}
+    for key, value in given.items():
+        if key.startswith("sampler__"):
+            sampler[key[len("sampler__"):]] = value
+        else:
+            out[key] = value
+    if sampler:
+        out["sampler"] = sampler
+    # Paths to your own data imply dataset = coco unless the dataset was named explicitly.
+    if "dataset" not in out and any(k in out for k in ("train_images", "train_annotations")):
+        out["dataset"] = "coco"
+    return out
+
+
+def config_from_args(args: argparse.Namespace):
+    """TrainConfig = defaults < ``--config`` file < flags."""
+    from .engine.config import TrainConfig, merge
+
+    overrides = overrides_from_args(args)
+    if args.config:
+        return TrainConfig.from_file(args.config, overrides)
+    return TrainConfig.from_dict(merge({}, overrides))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="overlap-sampler", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a detector (Faster/Mask R-CNN) with the Overlap Sampler",
+                                description="Train a detector. Without arguments: the small Faster R-CNN on "
+                                            "the built-in synthetic dataset, then its COCO evaluation.")
+    add_train_arguments(train)
+
+    ev = commands.add_parser("eval", help="COCO box (and mask) AP of a training checkpoint",
+                             description="Evaluate a checkpoint; prints the AP table and writes eval.json.")
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint written by `train` (e.g. "
+                                                        "output/train/last_checkpoint.pth)")
+    ev.add_argument("--dataset", choices=("synthetic",), default=None,
+                    help="evaluate on the built-in synthetic validation split (the default when no "
+                         "--val-images/--val-annotations are given)")
+    ev.add_argument("--val-images", help="directory of the validation images (COCO format)")
+    ev.add_argument("--val-annotations", help="COCO instances json of the validation images")
+    ev.add_argument("--output-dir", help="where eval.json goes [the checkpoint's directory]")
+    ev.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N' [auto]")
+    ev.add_argument("--batch-size", type=int, default=2, help="images per forward pass [2]")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ex = commands.add_parser("export", help="export a checkpoint to TorchScript (checked against eager)",
+                             description="Script the detector of a checkpoint with torch.jit.script, save it "
+                                         "and check that the reloaded file gives the eager detections.")
+    ex.add_argument("--checkpoint", required=True, help="a checkpoint written by `train`")
+    ex.add_argument("--output", required=True, help="the TorchScript file to write (.pt)")
+    ex.add_argument("--backbone-output", help="also torch.export the backbone + FPN to this .pt2 file")
+    ex.add_argument("--image-size", type=int, default=256,
+                    help="side of the synthetic images the export is verified on [256]")
+    ex.add_argument("--device", default="cpu", help="where the verification runs [cpu]")
+
+    demo = commands.add_parser("demo", help="sample a crowded synthetic batch with every negative strategy")
+    demo.add_argument("--images", type=int, default=8, help="images in the batch [8]")
+    demo.add_argument("--proposals", type=int, default=2000, help="proposals per image [2000]")
+    demo.add_argument("--gt", type=int, default=20, help="ground-truth boxes per image [20]")
+    demo.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    commands.add_parser("info", help="how the native library was built")
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="overlap-sampler", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="sample a crowded synthetic batch with every negative strategy")
-    demo.add_argument("--images", type=int, default=8)
-    demo.add_argument("--proposals", type=int, default=2000)
-    demo.add_argument("--gt", type=int, default=20)
-    demo.add_argument("--seed", type=int, default=0)
-    commands.add_parser("info", help="how the native library was built")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except (FileNotFoundError, ValueError) as e:
+        # User errors (missing files, bad settings, bad data) read better without a traceback.
+        print(f"overlap-sampler {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "info":
         from . import build_info
 
@@ -26,6 +181,29 @@ def main(argv=None) -> int:
         from .demo import run_demo
 
         print(run_demo(args.images, args.proposals, args.gt, args.seed))
+    elif args.command == "train":
+        config = config_from_args(args)
+        from .engine.train import train
+
+        metrics = train(config)
+        if metrics.get("output_dir"):
+            print(f"outputs in {metrics['output_dir']}")
+    elif args.command == "eval":
+        if args.dataset and (args.val_images or args.val_annotations):
+            parser.error("give either --dataset synthetic or --val-images/--val-annotations, not both")
+        if bool(args.val_images) != bool(args.val_annotations):
+            parser.error("--val-images and --val-annotations go together")
+        from .engine.evaluate import evaluate_checkpoint
+
+        evaluate_checkpoint(args.checkpoint, dataset=None if args.val_images else "synthetic",
+                            val_images=args.val_images, val_annotations=args.val_annotations,
+                            output_dir=args.output_dir, device=args.device, batch_size=args.batch_size,
+                            progress=not args.no_progress)
+    elif args.command == "export":
+        from .engine.export import export_checkpoint
+
+        export_checkpoint(args.checkpoint, args.output, example_image_size=args.image_size,
+                          backbone_output=args.backbone_output, device=args.device)
     return 0
 
 

@@ -79,6 +79,8 @@ class TrainConfig:
     device: str = _f("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
     seed: int = _f(0, "seed of every random number generator and of the data order")
     num_workers: int = _f(0, "data-loading worker processes per training process")
+    threads: int = _f(0, "CPU threads of torch per process (0 = torch's default, all cores; on a busy shared "
+                         "machine 1 can be several times faster than an oversubscribed 2)")
     log_every: int = _f(10, "log losses, LR and fg/bg counts every this many iterations")
     progress: bool = _f(True, "show a tqdm progress bar (rank 0)")
     eval_at_end: bool = _f(True, "evaluate on the validation split at the end (COCO AP)")
@@ -171,7 +173,7 @@ class TrainConfig:
                 bad(name, "a positive integer")
         if self.max_size < self.min_size:
             bad("max_size", f">= min_size ({self.min_size})")
-        for name in ("warmup_iters", "num_workers", "seed"):
+        for name in ("warmup_iters", "num_workers", "seed", "threads"):
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 0):
                 bad(name, "a non-negative integer")
         if self.stop_after is not None and not (is_int(self.stop_after) and self.stop_after > 0):

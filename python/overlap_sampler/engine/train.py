@@ -168,6 +168,10 @@ def _collate(batch):
 
 
 # ---------------------------------------------------------------------- helpers
+def _empty_window() -> dict[str, float]:
+    return {"loss": 0.0, "n": 0, "pos": 0, "neg": 0, "images": 0}
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device)."""
     random.seed(seed)
@@ -279,6 +283,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """
     config.validate()
     info = D.init_distributed(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     try:
         result = _train(config, info)
     except BaseException:
@@ -379,14 +385,17 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
                         pin_memory=device.type == "cuda", persistent_workers=False)
 
     def checkpoint(iteration: int, position: int) -> str | None:
-        rngs = D.all_gather_objects(get_rng_state())
+        # Every rank's generators and partial log window, so that a resumed run replays them exactly.
+        per_rank = D.all_gather_objects({"rng": get_rng_state(), "window": dict(window)})
+        rngs = [r["rng"] for r in per_rank]
+        windows = [r["window"] for r in per_rank]
         if not info.is_main:
             return None
         payload = {
             "format": CHECKPOINT_FORMAT, "iteration": iteration, "model": core.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
             "scaler": scaler.state_dict() if use_amp else {}, "config": config.to_dict(),
-            "num_classes": num_classes, "category_ids": category_ids, "rng": rngs,
+            "num_classes": num_classes, "category_ids": category_ids, "rng": rngs, "log_window": windows,
             "data": {"seed": config.seed, "position": position}, "history": history,
             "elapsed": elapsed_before + (time.perf_counter() - t_start), "world_size": info.world_size,
         }
@@ -414,8 +423,11 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     model.train()
     iteration = start_iter
     t_start = time.perf_counter()
-    window: dict[str, float] = {}
-    window_n, window_pos, window_neg, window_images, window_t = 0, 0, 0, 0, time.perf_counter()
+    # Sums over the current log window (losses, iterations "n", fg "pos", bg "neg", "images").
+    window: dict[str, float] = _empty_window()
+    if state is not None and len(state.get("log_window") or []) == info.world_size:
+        window = dict(state["log_window"][info.rank])
+    window_t, window_start = time.perf_counter(), iteration
     last_ckpt = None
     logger.info("iterations %d -> %d of %d, %d images per iteration, LR steps at %s", start_iter, end_iter,
                 config.iterations, global_batch, config.resolved_lr_steps())
@@ -441,22 +453,23 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
             raise FloatingPointError(f"non-finite loss at iteration {iteration} (rank {info.rank}): {values}")
         for k, v in values.items():
             window[k] = window.get(k, 0.0) + v
-        window["loss"] = window.get("loss", 0.0) + total
-        window_n += 1
+        window["loss"] += total
+        window["n"] += 1
         num_pos = getattr(core.roi_heads, "last_num_pos", None)
         num_neg = getattr(core.roi_heads, "last_num_neg", None)
         pos = int(num_pos.sum()) if num_pos is not None else 0
         neg = int(num_neg.sum()) if num_neg is not None else 0
-        window_pos += pos
-        window_neg += neg
-        window_images += len(images)
+        window["pos"] += pos
+        window["neg"] += neg
+        window["images"] += len(images)
         bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", fg=pos, bg=neg, refresh=False)
         bar.update(1)
 
-        if iteration % config.log_every == 0 or iteration == end_iter:
-            keys = sorted(window)
-            packed = torch.tensor([window[k] for k in keys] + [window_n, window_pos, window_neg, window_images],
-                                  dtype=torch.float64)
+        # Not at a stop_after point: its partial window goes into the checkpoint and the resumed run logs
+        # it on schedule, so the history of a run in chunks equals that of an uninterrupted one.
+        if iteration % config.log_every == 0 or iteration == config.iterations:
+            keys = sorted(k for k in window if k.startswith("loss"))
+            packed = torch.tensor([window[k] for k in keys + ["n", "pos", "neg", "images"]], dtype=torch.float64)
             # Gloo reduces CPU tensors, NCCL CUDA ones.
             packed = D.all_reduce_sum(packed.to(device) if info.distributed and device.type == "cuda"
                                       else packed).cpu()
@@ -467,7 +480,7 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
             entry["fg_per_image"] = float(packed[-3]) / nimg
             entry["bg_per_image"] = float(packed[-2]) / nimg
             now = time.perf_counter()
-            entry["time_per_iter"] = (now - window_t) / window_n
+            entry["time_per_iter"] = (now - window_t) / max(iteration - window_start, 1)
             entry["time"] = elapsed_before + (now - t_start)
             history.append(entry)
             logger.info("iter %d/%d  loss %.4f (%s)  lr %.3g  fg/bg per image %.1f/%.1f  %.3fs/iter",
@@ -475,8 +488,8 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
                         ", ".join(f"{k[5:] if k.startswith('loss_') else k} {entry[k]:.3f}"
                                   for k in keys if k != "loss"),
                         lr, entry["fg_per_image"], entry["bg_per_image"], entry["time_per_iter"])
-            window, window_n, window_pos, window_neg, window_images = {}, 0, 0, 0, 0
-            window_t = now
+            window = _empty_window()
+            window_t, window_start = now, iteration
         if iteration % config.checkpoint_every == 0 or iteration == end_iter:
             last_ckpt = checkpoint(iteration, start_position + (iteration - start_iter) * global_batch)
     bar.close()

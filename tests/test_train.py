@@ -1,0 +1,273 @@
+"""Training engine: end-to-end runs, checkpoints, exact resume after a kill, DDP through torchrun.
+
+Everything is tiny (8 images of 64 px, the "small" backbone, a handful of iterations) because the
+suite must run on a shared 2-core CPU. Runs that must be separate processes (resume after a kill, DDP)
+go through the CLI in subprocesses with timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from overlap_sampler.data import make_synthetic_coco
+from overlap_sampler.engine import TrainConfig, load_checkpoint, load_model_from_checkpoint, train
+from overlap_sampler.engine.train import IterationBatchSampler, lr_at
+
+AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+SUBPROCESS_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """(train_images, train_annotations, val_images, val_annotations): 8 + 4 synthetic 64 px images."""
+    root = str(tmp_path_factory.mktemp("tiny_coco"))
+    train_images, train_ann = make_synthetic_coco(root, num_images=8, image_size=64, seed=0, split="train")
+    val_images, val_ann = make_synthetic_coco(root, num_images=4, image_size=64, seed=1, split="val")
+    return train_images, train_ann, val_images, val_ann
+
+
+def tiny_settings(data, output_dir, **overrides):
+    """TrainConfig keys of a tiny run on ``data``."""
+    train_images, train_ann, val_images, val_ann = data
+    settings = dict(dataset="coco", train_images=train_images, train_annotations=train_ann,
+                    val_images=val_images, val_annotations=val_ann, backbone="small", iterations=4,
+                    batch_size=2, min_size=64, max_size=96, warmup_iters=2, log_every=2, checkpoint_every=2,
+                    output_dir=str(output_dir), progress=False, eval_batch_size=4, device="cpu",
+                    sampler={"batch_size_per_image": 64})
+    settings.update(overrides)
+    return settings
+
+
+def tiny_config(data, output_dir, **overrides) -> TrainConfig:
+    return TrainConfig.from_dict(tiny_settings(data, output_dir, **overrides))
+
+
+def cli_args(settings: dict) -> list[str]:
+    """``overlap-sampler train`` flags for a settings dict."""
+    args = []
+    for key, value in settings.items():
+        if key == "sampler":
+            for k, v in value.items():
+                args += [f"--{k.replace('_', '-')}", str(v)]
+        elif isinstance(value, bool):
+            args.append(f"--{'' if value else 'no-'}{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            args += [f"--{key.replace('_', '-')}"] + [str(v) for v in value]
+        else:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def run_cli(args: list[str], timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "overlap_sampler.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Bit-for-bit equal weights, optimizer state (momentum buffers, LR) and logged losses."""
+    assert a["iteration"] == b["iteration"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"model tensor {k} differs"
+    oa, ob = a["optimizer"], b["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for pid in oa["state"]:
+        for k, v in oa["state"][pid].items():
+            assert torch.equal(v, ob["state"][pid][k]), f"optimizer state {pid}/{k} differs"
+
+    def losses(history):
+        return [{k: v for k, v in h.items() if not k.startswith("time")} for h in history]
+
+    assert losses(a["history"]) == losses(b["history"])
+
+
+# ---------------------------------------------------------------------- pure pieces
+def test_lr_schedule_warmup_and_steps():
+    cfg = TrainConfig(iterations=90, lr=0.1, warmup_iters=10, warmup_factor=0.001, lr_steps=[60, 80])
+    assert lr_at(cfg, 0) == pytest.approx(0.1 * 0.001)
+    assert lr_at(cfg, 5) == pytest.approx(0.1 * (0.001 * 0.5 + 0.5))
+    assert lr_at(cfg, 10) == pytest.approx(0.1)
+    assert lr_at(cfg, 59) == pytest.approx(0.1)
+    assert lr_at(cfg, 60) == pytest.approx(0.01)
+    assert lr_at(cfg, 80) == pytest.approx(0.001)
+    # Default steps: 2/3 and 8/9 of the iterations, whatever iteration a run stops at.
+    assert TrainConfig(iterations=90).resolved_lr_steps() == [60, 80]
+
+
+def test_data_order_is_resumable_and_sharded():
+    n, batch = 7, 3
+    full = list(IterationBatchSampler(n, batch, seed=5, start_position=0, num_batches=6, hflip=0.5))
+    # Every epoch is a permutation of the dataset.
+    flat = [i for b in full for i, _ in b]
+    assert sorted(flat[:n]) == list(range(n)) and sorted(flat[n:2 * n]) == list(range(n))
+    assert any(f for b in full for _, f in b) and not all(f for b in full for _, f in b)
+    # Resuming at a later position replays the same batches.
+    resumed = list(IterationBatchSampler(n, batch, seed=5, start_position=2 * batch, num_batches=4, hflip=0.5))
+    assert resumed == full[2:]
+    # Two ranks: each iteration's global batch is split between them, rank 0 first.
+    ranks = [list(IterationBatchSampler(n, batch, seed=5, start_position=0, num_batches=3, rank=r, world_size=2,
+                                        hflip=0.5)) for r in range(2)]
+    for it in range(3):
+        assert ranks[0][it] + ranks[1][it] == full[2 * it] + full[2 * it + 1]
+    other_seed = list(IterationBatchSampler(n, batch, seed=6, start_position=0, num_batches=6, hflip=0.5))
+    assert other_seed != full
+
+
+# ---------------------------------------------------------------------- end to end
+def test_fasterrcnn_train_and_eval(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    result = train(cfg)
+    out = tmp_path / "run"
+    for name in ("config.json", "train.log", "metrics.json", "loss_curve.png", "eval.json",
+                 "checkpoint_0000002.pth", "checkpoint_0000004.pth", "last_checkpoint.pth"):
+        assert (out / name).is_file(), name
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The written config reproduces the run's config.
+    assert TrainConfig.from_file(str(out / "config.json")) == cfg
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["iteration"] for h in metrics["history"]] == [2, 4]
+    for h in metrics["history"]:
+        assert math.isfinite(h["loss"]) and h["loss"] > 0
+        assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "lr",
+                "fg_per_image", "bg_per_image", "time"} <= h.keys()
+        assert h["fg_per_image"] + h["bg_per_image"] > 0
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert set(evaluation["bbox"]) == AP_KEYS
+    assert metrics["eval"] == evaluation == result["eval"]
+    assert "segm" not in evaluation
+
+    state = load_checkpoint(str(out / "last_checkpoint.pth"))
+    assert state["iteration"] == 4 and state["num_classes"] == 4 and len(state["category_ids"]) == 3
+    assert len(state["rng"]) == 1 and {"python", "numpy", "torch", "cuda"} <= state["rng"][0].keys()
+    model, config = load_model_from_checkpoint(str(out / "last_checkpoint.pth"))
+    assert not model.training and config == cfg
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["model"][k])
+
+
+def test_maskrcnn_train_and_eval(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run", arch="maskrcnn", iterations=2)
+    result = train(cfg)
+    evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(evaluation["bbox"]) == AP_KEYS and set(evaluation["segm"]) == AP_KEYS
+    assert "loss_mask" in result["history"][-1] and math.isfinite(result["history"][-1]["loss_mask"])
+
+
+def test_amp_on_cpu_is_ignored_with_a_note(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run", amp=True, iterations=1, eval_at_end=False)
+    train(cfg)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "amp=true needs CUDA" in log
+
+
+def test_load_model_from_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_model_from_checkpoint(str(tmp_path / "missing.pth"))
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="corrupt.pth.*not a readable checkpoint"):
+        load_model_from_checkpoint(str(bad))
+    other = tmp_path / "other.pth"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="other.pth.*missing"):
+        load_model_from_checkpoint(str(other))
+
+
+def test_resume_explicit_path_must_exist(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run", resume=str(tmp_path / "nope.pth"))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        train(cfg)
+
+
+# ---------------------------------------------------------------------- exact resume (separate processes)
+RESUME_SETTINGS = dict(iterations=6, warmup_iters=2, checkpoint_every=1, log_every=2,
+                       eval_at_end=False, threads=1, lr=0.01)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_data, tmp_path_factory):
+    """Last checkpoint of a 6-iteration run that nobody interrupted (one process)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_cli(["train", *cli_args(tiny_settings(tiny_data, out, **RESUME_SETTINGS))])
+    return load_checkpoint(str(out / "last_checkpoint.pth"))
+
+
+def test_resume_after_kill_is_bit_identical(tiny_data, tmp_path, uninterrupted_run):
+    out = tmp_path / "killed"
+    args = ["train", *cli_args(tiny_settings(tiny_data, out, **RESUME_SETTINGS))]
+    proc = subprocess.Popen([sys.executable, "-m", "overlap_sampler.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    last = out / "last_checkpoint.pth"
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    try:
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert last.exists(), f"no checkpoint appeared; stderr:\n{stderr[-4000:]}"
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    stopped_at = load_checkpoint(str(last))["iteration"]
+    assert 1 <= stopped_at < 6
+
+    # A fresh process continues from the last checkpoint to the end of the same schedule.
+    run_cli(["train", *cli_args(tiny_settings(tiny_data, out, **RESUME_SETTINGS)), "--resume", "auto"])
+    resumed = load_checkpoint(str(last))
+    assert_same_training_state(uninterrupted_run, resumed)
+    log = (out / "train.log").read_text()
+    assert f"resuming from {last} (iteration {stopped_at})" in log
+
+
+def test_stop_after_then_resume_is_bit_identical(tiny_data, tmp_path, uninterrupted_run):
+    out = tmp_path / "chunks"
+    settings = tiny_settings(tiny_data, out, **RESUME_SETTINGS)
+    run_cli(["train", *cli_args(settings), "--stop-after", "3"])
+    state = load_checkpoint(str(out / "last_checkpoint.pth"))
+    assert state["iteration"] == 3
+    # Iteration 3 ran at the LR of the 6-iteration schedule (default steps at 2/3 and 8/9 of 6: 4 and 5);
+    # a schedule ending at 3 would have decayed it already (steps at 2 and 2).
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01)
+    assert [h["iteration"] for h in state["history"]] == [2]
+    run_cli(["train", *cli_args(settings), "--resume", str(out / "checkpoint_0000003.pth")])
+    assert_same_training_state(uninterrupted_run, load_checkpoint(str(out / "last_checkpoint.pth")))
+
+
+# ---------------------------------------------------------------------- DDP
+def test_ddp_two_gloo_processes(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    settings = tiny_settings(tiny_data, out, iterations=2, log_every=1, checkpoint_every=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "overlap_sampler.cli", "train", *cli_args(settings)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    state = load_checkpoint(str(out / "last_checkpoint.pth"))
+    assert state["iteration"] == 2 and state["world_size"] == 2
+    assert len(state["rng"]) == 2  # both ranks' generators, for an exact resume
+    # Rank 1 seeds its own RoI sampling: its generator state differs from rank 0's.
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(metrics["history"]) == 2
+    for h in metrics["history"]:
+        assert math.isfinite(h["loss"])
+        # 2 ranks x batch 2: fg/bg are per image over the 4 images of the global batch.
+        assert h["fg_per_image"] + h["bg_per_image"] > 0
+    assert set(json.loads((out / "eval.json").read_text())["bbox"]) == AP_KEYS
+    # Only rank 0 writes: one log, no stray files from rank 1.
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("checkpoint_")) == [
+        "config.json", "eval.json", "last_checkpoint.pth", "loss_curve.png", "metrics.json", "train.log"]
