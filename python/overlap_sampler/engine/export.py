@@ -1,0 +1,261 @@
+"""Export a trained detector: TorchScript (the whole detector) and torch.export (the backbone).
+
+TorchScript is how the whole detector runs without Python: ``torch.jit.load`` in Python or
+``torch::jit::load`` in C++ (see tests/cpp/jit_load.cpp). The scripted graph calls
+``torchvision::nms`` / ``torchvision::roi_align`` (and, in its training branch,
+``overlap_sampler::sample``), so a loader must have torchvision's and overlap_sampler's op
+libraries loaded first.
+
+Every export is checked: the saved file is loaded back and its outputs must be *equal* to the
+eager model's on the example images (see :func:`export_torchscript` for why exact equality holds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+_OUTPUT_KEYS = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
+
+
+def _detections_of(output: Any) -> list:
+    # A scripted GeneralizedRCNN returns (losses, detections); the eager one, detections.
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], list):
+        return output[1]
+    return output
+
+
+@contextlib.contextmanager
+def no_jit_fusion() -> Iterator[None]:
+    """TorchScript with its fusers (NNC on CPU/GPU, oneDNN Graph) off, restored on exit.
+
+    Like ``torch.jit.fuser("none")`` without its "nvfuser is no longer supported" warnings. A
+    fuser may rewrite a pointwise chain (e.g. box decoding) into one kernel whose rounding
+    differs from eager's by an ulp, which can flip an NMS decision; with fusion off the scripted
+    graph runs the very kernels eager mode runs.
+    """
+    c = torch._C
+    saved = (c._jit_can_fuse_on_cpu(), c._jit_can_fuse_on_gpu(), c._jit_texpr_fuser_enabled(),
+             c._jit_llga_enabled())
+    c._jit_override_can_fuse_on_cpu(False)
+    c._jit_override_can_fuse_on_gpu(False)
+    c._jit_set_texpr_fuser_enabled(False)
+    c._jit_set_llga_enabled(False)
+    try:
+        yield
+    finally:
+        c._jit_override_can_fuse_on_cpu(saved[0])
+        c._jit_override_can_fuse_on_gpu(saved[1])
+        c._jit_set_texpr_fuser_enabled(saved[2])
+        c._jit_set_llga_enabled(saved[3])
+
+
+def _describe(a: torch.Tensor, b: torch.Tensor) -> str:
+    if a.shape != b.shape:
+        return f"shape {list(a.shape)} vs {list(b.shape)}"
+    if a.dtype != b.dtype:
+        return f"dtype {a.dtype} vs {b.dtype}"
+    difference = (a.double() - b.double()).abs()
+    return (f"{int((difference > 0).sum())} of {a.numel()} values differ, "
+            f"max abs difference {difference.max().item():.3g}")
+
+
+def compare_detections(expected: Sequence[dict], actual: Sequence[dict], *,
+                       what: str = "exported") -> list[str]:
+    """Every difference between two lists of detection dicts, as readable lines (empty if equal).
+
+    Tensors are compared with ``torch.equal`` (same shape, dtype and values).
+    """
+    problems = []
+    if len(expected) != len(actual):
+        return [f"{what} model returned {len(actual)} detection dicts, eager {len(expected)}"]
+    for i, (eager, other) in enumerate(zip(expected, actual)):
+        if set(eager) != set(other):
+            problems.append(f"image {i}: keys {sorted(other)} vs eager {sorted(eager)}")
+            continue
+        for key in eager:
+            a, b = eager[key], other[key]
+            if not torch.equal(a.cpu(), b.cpu()) or a.dtype != b.dtype:
+                problems.append(f"image {i}: '{key}' differs ({what} vs eager: "
+                                f"{_describe(b.cpu(), a.cpu())})")
+    return problems
+
+
+def _check_images(example_images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(example_images, torch.Tensor) or not len(example_images):
+        raise ValueError("example_images must be a non-empty list of float [3, H, W] tensors")
+    for i, image in enumerate(example_images):
+        if not isinstance(image, torch.Tensor) or image.dim() != 3 or not image.is_floating_point():
+            got = (f"{image.dtype} {list(image.shape)}" if isinstance(image, torch.Tensor)
+                   else type(image).__name__)
+            raise ValueError(f"example_images[{i}] must be a float [3, H, W] tensor, got {got}")
+    return list(example_images)
+
+
+def export_torchscript(model: torch.nn.Module, path: str,
+                       example_images: Sequence[torch.Tensor]) -> str:
+    """Script ``model`` with ``torch.jit.script``, save it to ``path`` and verify the saved file.
+
+    The file is loaded back with ``torch.jit.load`` and run on ``example_images`` (float32
+    [3, H, W] in [0, 1], on the model's device); its detections (``boxes`` float32 [n, 4]
+    x1y1x2y2 absolute pixels, ``scores``, ``labels`` int64, ``masks`` [n, 1, H, W] for Mask R-CNN)
+    must be *equal* (``torch.equal``) to the eager model's.
+
+    Exact equality holds because the scripted graph calls the same ATen kernels in the same order
+    as eager mode; the only thing that could change the arithmetic is a JIT fuser rewriting
+    pointwise chains, so the check runs with fusers off (:func:`no_jit_fusion`; a C++ runner
+    wanting bit-identical results does the same, see tests/cpp/jit_load.cpp) -- the graph is
+    what is being checked. The model is put in eval mode (and left there).
+
+    The scripted detector returns ``(losses, detections)`` like every scripted torchvision
+    GeneralizedRCNN; in C++: ``module.forward({images}).toTuple()->elements()[1]``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        RuntimeError: the model cannot be scripted (the TorchScript error is included), or the
+            reloaded module's outputs differ from eager (each difference is named).
+    """
+    images = _check_images(example_images)
+    model.eval()
+    try:
+        scripted = torch.jit.script(model)
+    except Exception as error:  # TorchScript raises several types; all mean "cannot script".
+        raise RuntimeError(
+            f"export_torchscript: torch.jit.script failed for {type(model).__name__}; the model "
+            f"must be TorchScript-compatible (see the error below).\n{error}") from error
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    torch.jit.save(scripted, path)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    loaded = torch.jit.load(path, map_location=device)
+    loaded.eval()
+    with torch.no_grad(), no_jit_fusion():
+        expected = _detections_of(model(images))
+        # Two runs: the profiling executor optimises the graph after the first.
+        for run in range(2):
+            problems = compare_detections(expected, _detections_of(loaded(images)),
+                                          what=f"reloaded TorchScript (run {run + 1})")
+            if problems:
+                raise RuntimeError(f"export_torchscript: {path} does not reproduce the eager "
+                                   "model:\n  " + "\n  ".join(problems))
+    return path
+
+
+class _BackboneInput(torch.nn.Module):
+    """The detector's inference front end that torch.export can trace: normalise + backbone."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.backbone = model.backbone
+        self.register_buffer("mean", torch.tensor(model.transform.image_mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(model.transform.image_std).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.backbone((images - self.mean) / self.std)
+
+
+def export_backbone(model: torch.nn.Module, path: str, example_batch: torch.Tensor, *,
+                    dynamic_size: bool = True) -> str:
+    """``torch.export`` the detector's normalisation + backbone (+ FPN); save it as ``.pt2``.
+
+    Input: float32 [B, 3, H, W] images already resized and padded (H, W multiples of 32 for the
+    FPN). Output: dict of FPN levels ``"0".."3", "pool"`` (float32 [B, 256, H/s, W/s]).
+
+    Why not the whole detector (tried with torch 2.14.1 / torchvision 0.29.1):
+    ``torch.export.export(model, ([image],), strict=False)`` traces the resize/normalise transform
+    and the backbone, then stops in the RPN's box filtering::
+
+        GuardOnDataDependentSymNode: Could not guard on data-dependent expression
+        4*u1 > 4000 (unhinted: 4*u1 > 4000).  Caused by: (torchvision/ops/boxes.py:86 in
+        batched_nms)
+
+    ``u1`` is the number of proposals left after dropping small and low-score boxes: a
+    data-dependent size, and ``batched_nms`` branches on it (``boxes.numel() > 4000`` picks the
+    per-class loop or the coordinate trick). Past that, ``torchvision::nms`` returns a
+    data-dependent count, and the RoI heads index, top-k and paste masks on those counts; the
+    backbone + RPN alone stops at the same line. Exporting further would mean rewriting the RPN
+    and box post-processing with fixed-size, padded outputs (as overlap_sampler's own ops do).
+    The backbone is the part with a static graph (and the bulk of the compute); the full
+    detector exports through TorchScript (:func:`export_torchscript`).
+
+    The saved program is loaded back with ``torch.export.load`` and must return outputs equal to
+    the eager backbone's on ``example_batch``.
+    """
+    if not isinstance(example_batch, torch.Tensor) or example_batch.dim() != 4:
+        raise ValueError("example_batch must be a float [B, 3, H, W] tensor, got "
+                         f"{getattr(example_batch, 'shape', type(example_batch).__name__)}")
+    module = _BackboneInput(model).eval()
+    dynamic_shapes = None
+    if dynamic_size:
+        # Sizes stay multiples of 32 so every FPN level has an integral size.
+        h = torch.export.Dim("h32", min=1, max=64)
+        w = torch.export.Dim("w32", min=1, max=64)
+        dynamic_shapes = {"images": {2: 32 * h, 3: 32 * w}}
+    with torch.no_grad():
+        program = torch.export.export(module, (example_batch,), dynamic_shapes=dynamic_shapes)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.export.save(program, path)
+        loaded = torch.export.load(path).module()
+        expected, actual = module(example_batch), loaded(example_batch)
+    problems = [f"level {k!r}: {_describe(actual[k], expected[k])}" for k in expected
+                if not torch.equal(expected[k], actual[k])]
+    if problems:
+        raise RuntimeError(f"export_backbone: {path} does not reproduce the eager backbone:\n  "
+                           + "\n  ".join(problems))
+    return path
+
+
+def example_images(size: int | tuple[int, int] = 256, count: int = 2, *,
+                   device: str | torch.device = "cpu", seed: int = 0) -> list[torch.Tensor]:
+    """Deterministic example images: ``count`` float32 [3, H, W] tensors in [0, 1].
+
+    Smooth blobs rather than white noise, so even a freshly initialised detector finds boxes to
+    compare. ``size`` is H = W or (H, W); the second image is 3/4 as tall to exercise padding.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for k in range(count):
+        h = height if k % 2 == 0 else max(32, height * 3 // 4)
+        coarse = torch.rand(1, 3, max(2, h // 16), max(2, width // 16), generator=generator)
+        image = torch.nn.functional.interpolate(coarse, size=(h, width), mode="bilinear",
+                                                align_corners=False)[0]
+        images.append(image.clamp(0, 1).to(device))
+    return images
+
+
+def export_checkpoint(checkpoint: str, output: str, *,
+                      example_image_size: int | tuple[int, int] = 256,
+                      backbone_output: Optional[str] = None, device: str = "cpu") -> str:
+    """Export a training checkpoint to TorchScript at ``output`` (checked against eager).
+
+    Args:
+        checkpoint: a checkpoint written by ``overlap_sampler.engine.checkpoint.save_checkpoint``.
+        output: the ``.pt`` TorchScript file to write.
+        example_image_size: size of the two synthetic images the export is verified on.
+        backbone_output: also ``torch.export`` the backbone to this ``.pt2`` file.
+        device: where the verification runs (the saved module loads on any device).
+
+    Returns:
+        ``output``.
+    """
+    from overlap_sampler.engine.checkpoint import load_model_from_checkpoint
+
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    model, _ = load_model_from_checkpoint(checkpoint, map_location="cpu")
+    model.to(device).eval()
+    images = example_images(example_image_size, device=device)
+    export_torchscript(model, output, images)
+    print(f"wrote {output} (TorchScript; reloaded outputs equal eager on {len(images)} images)")
+    if backbone_output is not None:
+        with torch.no_grad():
+            batch = model.transform(images)[0].tensors
+        export_backbone(model, backbone_output, batch)
+        print(f"wrote {backbone_output} (torch.export of the backbone; outputs equal eager)")
+    return output
