@@ -44,6 +44,7 @@ SMALL_FPN_CHANNELS = 64
 SMALL_TRUNK_WIDTHS = (32, 64, 96, 128)
 SMALL_ANCHOR_SIZES = ((8,), (16,), (32,), (64,), (128,))
 SMALL_REPRESENTATION_SIZE = 256
+SMALL_SAMPLING_RATIO = 1
 SMALL_DEFAULTS: dict[str, Any] = {
     # Fewer proposals than torchvision's 2000 / 1000: a 128 px image has
     # ~4k anchors in all, and NMS leaves a few hundred distinct boxes anyway.
@@ -108,7 +109,7 @@ def small_fpn_backbone(out_channels: int = SMALL_FPN_CHANNELS) -> BackboneWithFP
 def _small_heads(arch: str, num_classes: int) -> dict[str, Any]:
     out = SMALL_FPN_CHANNELS
     anchors = AnchorGenerator(SMALL_ANCHOR_SIZES, ((0.5, 1.0, 2.0),) * len(SMALL_ANCHOR_SIZES))
-    box_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    box_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=SMALL_SAMPLING_RATIO)
     heads: dict[str, Any] = {
         "rpn_anchor_generator": anchors,
         "box_roi_pool": box_pool,
