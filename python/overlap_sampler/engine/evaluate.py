@@ -261,7 +261,7 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic"
         the metrics dict of :func:`evaluate`.
     """
     from overlap_sampler.data import CocoDetection, synthetic_dataset
-    from overlap_sampler.engine.checkpoint import load_model_from_checkpoint
+    from overlap_sampler.engine.checkpoint import load_checkpoint, load_model_from_checkpoint
 
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
@@ -279,8 +279,14 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic"
         raise ValueError(f"dataset must be 'synthetic' or None, got {dataset!r}")
 
     model, config = load_model_from_checkpoint(checkpoint, map_location="cpu")
+    trained_categories = load_checkpoint(checkpoint)["category_ids"]
     with_masks = getattr(config, "arch", None) == "maskrcnn" or _has_mask_head(model)
     data = CocoDetection(image_dir, annotation_file, masks=with_masks)
+    # The model's label l means trained_categories[l - 1]; evaluate() maps labels with the
+    # dataset's list, so the two must agree.
+    if list(data.category_ids) != list(trained_categories):
+        raise ValueError(f"{annotation_file}: categories {list(data.category_ids)} differ from the "
+                         f"categories {list(trained_categories)} the checkpoint was trained on")
     metrics = evaluate(model, data, device=resolve_device(device), batch_size=batch_size,
                        progress=progress)
     output_dir = output_dir or os.path.dirname(os.path.abspath(checkpoint))

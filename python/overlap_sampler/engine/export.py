@@ -164,7 +164,8 @@ def export_backbone(model: torch.nn.Module, path: str, example_batch: torch.Tens
     """``torch.export`` the detector's normalisation + backbone (+ FPN); save it as ``.pt2``.
 
     Input: float32 [B, 3, H, W] images already resized and padded (H, W multiples of 32 for the
-    FPN). Output: dict of FPN levels ``"0".."3", "pool"`` (float32 [B, 256, H/s, W/s]).
+    FPN; ``model.transform(images)[0].tensors``). With ``dynamic_size`` H and W are symbolic
+    (any multiple of 32 up to 2048) and so is B when ``example_batch`` has B >= 2. Output: dict of FPN levels ``"0".."3", "pool"`` (float32 [B, 256, H/s, W/s]).
 
     Why not the whole detector (tried with torch 2.14.1 / torchvision 0.29.1):
     ``torch.export.export(model, ([image],), strict=False)`` traces the resize/normalise transform
@@ -196,6 +197,8 @@ def export_backbone(model: torch.nn.Module, path: str, example_batch: torch.Tens
         h = torch.export.Dim("h32", min=1, max=64)
         w = torch.export.Dim("w32", min=1, max=64)
         dynamic_shapes = {"images": {2: 32 * h, 3: 32 * w}}
+        if example_batch.shape[0] >= 2:  # torch.export specialises sizes 0 and 1
+            dynamic_shapes["images"][0] = torch.export.Dim("batch", min=1, max=1024)
     with torch.no_grad():
         program = torch.export.export(module, (example_batch,), dynamic_shapes=dynamic_shapes)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

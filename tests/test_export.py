@@ -1,0 +1,196 @@
+"""Export: TorchScript of the small detectors (reloaded == eager), its errors, torch.export of the
+backbone, and export_checkpoint / evaluate_checkpoint from a checkpoint file."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from overlap_sampler.detection import build_detector
+from overlap_sampler.engine.export import (
+    compare_detections,
+    example_images,
+    export_backbone,
+    export_checkpoint,
+    export_torchscript,
+    no_jit_fusion,
+)
+
+IMAGE_SIZE = 96
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning",  # "TorchScript is deprecated"
+                                        "ignore:RCNN always returns")
+
+
+def _small(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    # 20 detections per image keep Mask R-CNN's mask pasting cheap.
+    return build_detector(arch, 3, backbone="small", min_size=IMAGE_SIZE, max_size=IMAGE_SIZE,
+                          box_detections_per_img=20).eval()
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn", "maskrcnn"])
+def test_torchscript_reloaded_equals_eager(arch, tmp_path):
+    model = _small(arch)
+    images = example_images(IMAGE_SIZE, count=2)
+    path = export_torchscript(model, str(tmp_path / "sub" / f"{arch}.pt"), images)
+    assert os.path.isfile(path)
+
+    # Independent of export_torchscript's own check: a fresh load, on other images.
+    loaded = torch.jit.load(path)
+    others = example_images((IMAGE_SIZE, 80), count=2, seed=1)
+    with torch.no_grad(), no_jit_fusion():
+        eager = model(others)
+        losses, scripted = loaded(others)
+    assert losses == {}
+    assert all(len(d["boxes"]) > 0 for d in eager)  # a non-vacuous comparison
+    expected_keys = {"boxes", "scores", "labels"} | ({"masks"} if arch == "maskrcnn" else set())
+    for a, b in zip(eager, scripted):
+        assert set(a) == set(b) == expected_keys
+        for key in a:
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def test_unscriptable_model_is_a_clear_error(tmp_path):
+    class Unscriptable(torch.nn.Module):
+        def forward(self, images):
+            return [dict(boxes=x) for x in map(lambda image: image[:1], images)]
+
+    with pytest.raises(RuntimeError, match="torch.jit.script failed for Unscriptable"):
+        export_torchscript(Unscriptable(), str(tmp_path / "m.pt"), example_images(32, count=1))
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_scripted_behaviour_differing_from_eager_is_named(tmp_path):
+    class Diverges(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            boxes = torch.tensor([[1.0, 2.0, 30.0, 40.0]]) * self.scale
+            if torch.jit.is_scripting():
+                boxes = boxes + 0.5
+            return [{"boxes": boxes, "labels": torch.ones(1, dtype=torch.int64)} for _ in images]
+
+    with pytest.raises(RuntimeError, match=r"image 0: 'boxes' differs .*4 of 4 values differ, "
+                                           r"max abs difference 0.5"):
+        export_torchscript(Diverges(), str(tmp_path / "m.pt"), example_images(32, count=1))
+
+
+def test_bad_example_images(tmp_path):
+    model = torch.nn.Identity()
+    with pytest.raises(ValueError, match="non-empty list"):
+        export_torchscript(model, str(tmp_path / "m.pt"), [])
+    with pytest.raises(ValueError, match=r"example_images\[1\] must be a float \[3, H, W\] "
+                                         r"tensor, got torch.int64"):
+        export_torchscript(model, str(tmp_path / "m.pt"),
+                           [torch.rand(3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.int64)])
+
+
+def test_compare_detections_lists_each_difference():
+    a = [{"boxes": torch.zeros(2, 4), "labels": torch.ones(2, dtype=torch.int64)}]
+    b = [{"boxes": torch.zeros(3, 4), "labels": torch.ones(2, dtype=torch.int32)}]
+    problems = compare_detections(a, b, what="x")
+    assert problems == ["image 0: 'boxes' differs (x vs eager: shape [3, 4] vs [2, 4])",
+                        "image 0: 'labels' differs (x vs eager: dtype torch.int32 vs torch.int64)"]
+    assert compare_detections(a, a) == []
+    assert "2 detection dicts" in compare_detections(a, a + a)[0]
+    assert "keys" in compare_detections(a, [{"boxes": torch.zeros(2, 4)}])[0]
+
+
+def test_torch_export_of_the_backbone(tmp_path):
+    model = _small("fasterrcnn")
+    with torch.no_grad():
+        batch = model.transform(example_images(IMAGE_SIZE, count=2))[0].tensors
+    path = export_backbone(model, str(tmp_path / "backbone.pt2"), batch)
+    program = torch.export.load(path).module()
+    # Another batch size and image size (multiples of 32): the exported sizes are symbolic.
+    other = torch.rand(3, 3, 128, 160)
+    with torch.no_grad():
+        expected = model.backbone(_normalised(model, other))
+        actual = program(other)
+    assert set(actual) == set(expected)
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+    with pytest.raises(ValueError, match="example_batch"):
+        export_backbone(model, str(tmp_path / "b.pt2"), batch[0])
+
+
+def _normalised(model, batch):
+    mean = torch.tensor(model.transform.image_mean).view(1, -1, 1, 1)
+    std = torch.tensor(model.transform.image_std).view(1, -1, 1, 1)
+    return (batch - mean) / std
+
+
+# ---- from a checkpoint file (TRAIN's format) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint_and_data(tmp_path_factory):
+    from overlap_sampler.data import CocoDetection, make_synthetic_coco
+    from overlap_sampler.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+    from overlap_sampler.engine.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("ckpt")
+    image_dir, annotations = make_synthetic_coco(str(root / "data"), num_images=3,
+                                                 image_size=64, split="val")
+    data = CocoDetection(image_dir, annotations)
+    config = TrainConfig(arch="maskrcnn", backbone="small", min_size=64, max_size=64)
+    torch.manual_seed(0)
+    model = build_detector("maskrcnn", data.num_classes, backbone="small", min_size=64,
+                           max_size=64)
+    path = save_checkpoint({"format": CHECKPOINT_FORMAT, "iteration": 1,
+                            "model": model.state_dict(), "config": config.to_dict(),
+                            "num_classes": data.num_classes,
+                            "category_ids": list(data.category_ids)}, str(root / "run"))
+    return path, image_dir, annotations
+
+
+def test_export_checkpoint(checkpoint_and_data, tmp_path, capsys):
+    checkpoint, _, _ = checkpoint_and_data
+    output = export_checkpoint(checkpoint, str(tmp_path / "model.pt"), example_image_size=64,
+                               backbone_output=str(tmp_path / "backbone.pt2"))
+    assert output == str(tmp_path / "model.pt")
+    assert os.path.isfile(output) and os.path.isfile(tmp_path / "backbone.pt2")
+    assert "reloaded outputs equal eager" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        export_checkpoint(str(tmp_path / "nope.pth"), str(tmp_path / "x.pt"))
+
+
+def test_evaluate_checkpoint(checkpoint_and_data, tmp_path, capsys):
+    from overlap_sampler.engine.evaluate import evaluate_checkpoint
+
+    checkpoint, image_dir, annotations = checkpoint_and_data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = evaluate_checkpoint(checkpoint, dataset=None, val_images=image_dir,
+                                      val_annotations=annotations, output_dir=str(tmp_path),
+                                      device="cpu", batch_size=2, progress=False)
+    assert set(metrics) == {"bbox", "segm"}  # a Mask R-CNN checkpoint
+    assert json.loads((tmp_path / "eval.json").read_text()) == metrics
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:2] == ["type", "AP"] and "eval.json" in out
+    with pytest.raises(ValueError, match="val_images and val_annotations are both needed"):
+        evaluate_checkpoint(checkpoint, dataset=None, val_images=image_dir)
+    with pytest.raises(ValueError, match="dataset must be 'synthetic' or None"):
+        evaluate_checkpoint(checkpoint, dataset="coco")
+
+
+def test_evaluate_checkpoint_rejects_other_categories(checkpoint_and_data, tmp_path):
+    from overlap_sampler.engine.evaluate import evaluate_checkpoint
+
+    checkpoint, image_dir, annotations = checkpoint_and_data
+    data = json.loads(open(annotations).read())
+    for category in data["categories"]:
+        category["id"] += 100
+    for annotation in data["annotations"]:
+        annotation["category_id"] += 100
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="differ from the categories"):
+        evaluate_checkpoint(checkpoint, dataset=None, val_images=image_dir,
+                            val_annotations=str(other), progress=False)
