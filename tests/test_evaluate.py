@@ -9,11 +9,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from overlap_sampler.engine.evaluate import (
+pytest.importorskip("pycocotools")  # not installed on the lent GPU machines
+
+from pycocotools import mask as mask_utils  # noqa: E402
+from pycocotools.coco import COCO  # noqa: E402
+from pycocotools.cocoeval import COCOeval  # noqa: E402
+
+from overlap_sampler.engine.evaluate import (  # noqa: E402
     METRIC_NAMES,
     coco_metrics,
     detections_to_coco,
@@ -80,7 +83,8 @@ def _ground_truth(coco, image_id):
     labels = torch.tensor([CATEGORY_IDS.index(a["category_id"]) + 1 for a in annotations])
     masks = torch.zeros(len(annotations), 1, SIZE, SIZE)
     for k, annotation in enumerate(annotations):
-        masks[k, 0] = torch.from_numpy(coco.annToMask(annotation)).float()
+        if "segmentation" in annotation:
+            masks[k, 0] = torch.from_numpy(coco.annToMask(annotation)).float()
     return boxes.reshape(-1, 4), labels.long(), masks
 
 
@@ -212,6 +216,19 @@ def test_matches_cocoeval_on_a_results_file(dataset, coco_file, tmp_path):
             for name, value in zip(METRIC_NAMES, reference.stats[:6]):
                 assert metrics[iou_type][name] == pytest.approx(float(value), abs=1e-12), \
                     (iou_type, name)
+
+
+def test_masks_without_ground_truth_masks_give_box_ap_only(tmp_path):
+    data = _coco_dict()
+    for annotation in data["annotations"]:
+        del annotation["segmentation"]
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps(data))
+    data_set = IdImageDataset(str(path))
+    with pytest.warns(UserWarning, match="mask AP is not computed"):
+        metrics = evaluate(StubDetector(data_set.coco, "gt", with_masks=True), data_set,
+                           progress=False)
+    assert set(metrics) == {"bbox"}
 
 
 def test_subset_of_images_is_scored_on_that_subset(coco_file):

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import needs_cuda
 from overlap_sampler.detection import build_detector
 from overlap_sampler.engine.export import (
     compare_detections,
@@ -53,6 +54,19 @@ def test_torchscript_reloaded_equals_eager(arch, tmp_path):
         assert set(a) == set(b) == expected_keys
         for key in a:
             assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ["fasterrcnn", "maskrcnn"])
+def test_torchscript_on_cuda(arch, tmp_path):
+    model = _small(arch).cuda()
+    images = example_images(IMAGE_SIZE, count=2, device="cuda")
+    path = export_torchscript(model, str(tmp_path / f"{arch}.pt"), images)
+    loaded = torch.jit.load(path, map_location="cuda")
+    with torch.no_grad(), no_jit_fusion():
+        eager, (_, scripted) = model(images), loaded(images)
+    assert compare_detections(eager, scripted) == []
+    assert scripted[0]["boxes"].is_cuda
 
 
 def test_unscriptable_model_is_a_clear_error(tmp_path):
@@ -131,6 +145,7 @@ def _normalised(model, batch):
 
 @pytest.fixture(scope="module")
 def checkpoint_and_data(tmp_path_factory):
+    pytest.importorskip("pycocotools")  # not installed on the lent GPU machines
     from overlap_sampler.data import CocoDetection, make_synthetic_coco
     from overlap_sampler.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
     from overlap_sampler.engine.config import TrainConfig

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -67,7 +68,8 @@ def detections_to_coco(detections: dict, image_id: int, category_ids: list) -> l
             masks = masks[:, 0]
         binary = (masks > MASK_THRESHOLD).numpy().astype(np.uint8)
         # pycocotools wants a Fortran-ordered H x W x n array.
-        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0))) if len(binary) else []
+        rles = (mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+                if len(binary) else [])
     results = []
     for k, (box, score, label) in enumerate(zip(xywh, scores, labels)):
         if not 1 <= label <= len(category_ids):
@@ -198,6 +200,10 @@ def evaluate(model: torch.nn.Module, dataset, *, device: str | torch.device = "c
 
     metrics = {"bbox": coco_metrics(dataset.coco, results, "bbox", image_ids=image_ids,
                                     verbose=verbose)}
+    if predicts_masks and any("segmentation" not in a for a in dataset.coco.anns.values()):
+        warnings.warn("the model predicts masks but the dataset's annotations have no "
+                      "'segmentation': mask AP is not computed", stacklevel=2)
+        predicts_masks = False
     if predicts_masks:
         if any("segmentation" not in r for r in results):
             raise RuntimeError("the model has a mask head but some detections have no 'masks'")
@@ -273,7 +279,8 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic"
     elif dataset is None:
         if val_images is None or val_annotations is None:
             raise ValueError("val_images and val_annotations are both needed when dataset is None "
-                             f"(got val_images={val_images!r}, val_annotations={val_annotations!r})")
+                             f"(got val_images={val_images!r}, "
+                             f"val_annotations={val_annotations!r})")
         image_dir, annotation_file = val_images, val_annotations
     else:
         raise ValueError(f"dataset must be 'synthetic' or None, got {dataset!r}")

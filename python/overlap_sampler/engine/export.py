@@ -165,7 +165,9 @@ def export_backbone(model: torch.nn.Module, path: str, example_batch: torch.Tens
 
     Input: float32 [B, 3, H, W] images already resized and padded (H, W multiples of 32 for the
     FPN; ``model.transform(images)[0].tensors``). With ``dynamic_size`` H and W are symbolic
-    (any multiple of 32 up to 2048) and so is B when ``example_batch`` has B >= 2. Output: dict of FPN levels ``"0".."3", "pool"`` (float32 [B, 256, H/s, W/s]).
+    (any multiple of 32 up to 2048, above the smallest size the example's shapes allow) and so
+    is B when ``example_batch`` has B >= 2. Output: the backbone's dict of FPN feature maps,
+    float32 [B, C, H/s, W/s] (ResNet-FPN: levels "0".."3" and "pool", C = 256).
 
     Why not the whole detector (tried with torch 2.14.1 / torchvision 0.29.1):
     ``torch.export.export(model, ([image],), strict=False)`` traces the resize/normalise transform
