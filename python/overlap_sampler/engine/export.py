@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -134,7 +135,9 @@ def export_torchscript(model: torch.nn.Module, path: str,
     device = next(iter(model.parameters()), torch.empty(0)).device
     loaded = torch.jit.load(path, map_location=device)
     loaded.eval()
-    with torch.no_grad(), no_jit_fusion():
+    with torch.no_grad(), no_jit_fusion(), warnings.catch_warnings():
+        # Said once in the docstring rather than on every call.
+        warnings.filterwarnings("ignore", message="RCNN always returns a")
         expected = _detections_of(model(images))
         # Two runs: the profiling executor optimises the graph after the first.
         for run in range(2):
