@@ -95,6 +95,9 @@ class OverlapRoIHeads(RoIHeads):
         keypoint_head=None,
         keypoint_predictor=None,
     ):
+        """Same modules and inference settings as torchvision's ``RoIHeads``;
+        the training-sample settings (IoU thresholds, batch size per image,
+        positive fraction) come from ``sampler_config`` (None = defaults)."""
         config = SamplerConfig() if sampler_config is None else sampler_config
         config.validate()
         super().__init__(
