@@ -104,6 +104,7 @@ def test_empty_batch_gives_zero_losses_not_nan():
     (cls + box).backward()
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_torchscript():
     scripted = torch.jit.script(weighted_fastrcnn_loss)
     logits, deltas, labels, targets = _random_inputs([4, 3], 3, seed=5)
