@@ -11,6 +11,7 @@ import pytest
 from overlap_sampler.cli import build_parser, config_from_args, main
 from overlap_sampler.data import make_synthetic_coco
 from overlap_sampler.engine import TrainConfig
+from overlap_sampler.engine.config import default_sampler
 from overlap_sampler.sampling import SamplerConfig
 
 CONFIG_TOML = """
@@ -24,6 +25,7 @@ amp = true
 neg_strategy = "hard"
 num_bins = 3
 pos_weight = 1.5
+batch_size_per_image = 512
 """
 
 
@@ -42,7 +44,9 @@ def test_defaults_without_arguments():
     cfg = parse()
     assert cfg == TrainConfig()
     assert cfg.dataset == "synthetic" and cfg.arch == "fasterrcnn" and cfg.backbone == "small"
-    assert cfg.sampler == SamplerConfig() and cfg.box_nms_thresh == 0.55 and cfg.eval_at_end
+    # The paper's best sampling method, with the small default budget of 128 RoIs per image.
+    assert cfg.sampler == SamplerConfig(batch_size_per_image=128) == default_sampler()
+    assert cfg.box_nms_thresh == 0.55 and cfg.eval_at_end
 
 
 def test_file_then_flags_precedence(toml_file):
@@ -54,12 +58,17 @@ def test_file_then_flags_precedence(toml_file):
     assert cfg.momentum == TrainConfig().momentum  # neither: default
 
 
-def test_sampler_preset_flag_replaces_file_sampler(toml_file):
+def test_sampler_preset_flag_replaces_the_method_not_the_budget(toml_file):
     cfg = parse("--config", toml_file, "--sampler", "iou_balanced", "--num-bins", "5")
+    # Method from the preset (the file's hard / K=3 / epsilon 1.5 are gone), K from the flag,
+    # RoI budget from the file.
     expected = SamplerConfig.preset("iou_balanced")
     expected.num_bins = 5
+    expected.batch_size_per_image = 512
     assert cfg.sampler == expected
-    assert parse("--sampler", "random").sampler == SamplerConfig.preset("random")
+    random = SamplerConfig.preset("random")
+    random.batch_size_per_image = 128
+    assert parse("--sampler", "random").sampler == random
 
 
 def test_json_config_and_preset_in_file(tmp_path):
@@ -168,3 +177,17 @@ def test_eval_and_export_missing_checkpoint(tmp_path, capsys):
     assert "absent.pth" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--checkpoint", missing, "--val-images", "only-images"])
+
+
+def test_example_configs_load():
+    import pathlib
+
+    configs = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.toml"))
+    assert configs, "configs/ holds the example config files"
+    for path in configs:
+        cfg = TrainConfig.from_file(str(path))
+        assert cfg.output_dir and cfg.iterations > 0, path
+    # small_synthetic.toml spells out the defaults.
+    spelled = TrainConfig.from_file(str(configs[0].parent / "small_synthetic.toml"))
+    assert spelled.resolved_lr_steps() == TrainConfig().resolved_lr_steps()
+    assert dataclasses.replace(spelled, lr_steps=None) == TrainConfig()

@@ -27,7 +27,7 @@ SAMPLER_HELP = {
     "bin_upper": "fixed upper end of the soft bins (paper footnote 3: 0.7); default: each image's max key",
     "pos_weight": "epsilon, loss weight of the best sampled positive of each ground truth (1 = off)",
     "pos_key": "a positive's key is its max IoU with the 'negatives' of its image or with 'all' other examples",
-    "batch_size_per_image": "RoIs sampled per image for the RoI-head losses",
+    "batch_size_per_image": "RoIs sampled per image for the RoI-head losses (paper: 512; the small CPU default: 128)",
     "positive_fraction": "at most round(batch_size_per_image * positive_fraction) positives per image",
     "fg_iou_thresh": "IoU with the best ground truth >= this: positive",
     "bg_iou_thresh": "IoU with the best ground truth < this: negative",
@@ -54,7 +54,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     ``argparse.SUPPRESS`` so that only the flags actually given override the config file."""
     from . import NEGATIVE_STRATEGIES, POSITIVE_STRATEGIES
     from .detection import BACKBONES
-    from .engine.config import ARCHS, DATASETS, TrainConfig
+    from .engine.config import ARCHS, DATASETS, TrainConfig, default_sampler
     from .sampling import POSITIVE_KEYS, SamplerConfig
 
     parser.add_argument("--config", help="TOML or JSON config file (keys = the flags below with underscores; "
@@ -72,10 +72,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                            help=f"{f.metadata['help']} [{default}]", **kwargs)
     sampler = parser.add_argument_group("RoI sampler settings (the [sampler] table)")
     sampler.add_argument("--sampler", dest="sampler__preset", choices=SAMPLER_PRESETS, default=argparse.SUPPRESS,
-                         help="start from a preset: overlap (paper's best: soft K=2 for both, epsilon 2), "
-                              "random (torchvision's sampler) or iou_balanced (Libra R-CNN); the flags below "
-                              "and not the config file's [sampler] table then refine it [overlap]")
-    defaults = SamplerConfig()
+                         help="sampling method preset: overlap (paper's best: soft K=2 for both, epsilon 2), "
+                              "random (torchvision's sampler) or iou_balanced (Libra R-CNN). It replaces the "
+                              "method settings of the config file's [sampler] table (strategies, bins, "
+                              "epsilon, ...) but keeps its RoI budget and IoU thresholds; the flags below "
+                              "refine it [overlap]")
+    defaults = default_sampler()
     sampler_choices = {"neg_strategy": NEGATIVE_STRATEGIES, "pos_strategy": POSITIVE_STRATEGIES,
                        "pos_key": POSITIVE_KEYS}
     for f in dataclasses.fields(SamplerConfig):

@@ -7,11 +7,14 @@ Backend: NCCL on CUDA, Gloo on CPU.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+COLLECTIVE_TIMEOUT_S = 3 * 3600
 
 
 @dataclass
@@ -70,7 +73,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        # Long timeout: the other ranks wait at a barrier while rank 0 runs the final COCO evaluation.
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S), **kwargs)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 

@@ -193,10 +193,8 @@ class _TqdmHandler(logging.StreamHandler):
 
 def setup_logger(output_dir: str | None, is_main: bool) -> logging.Logger:
     """The train logger: console (+ ``output_dir/train.log`` on rank 0); other ranks log warnings only."""
+    close_logger()
     logger = logging.getLogger(LOGGER_NAME)
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-        h.close()
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
@@ -208,6 +206,14 @@ def setup_logger(output_dir: str | None, is_main: bool) -> logging.Logger:
         file.setFormatter(fmt)
         logger.addHandler(file)
     return logger
+
+
+def close_logger() -> None:
+    """Detach and close the train logger's handlers (releases ``train.log``)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
 
 
 def dataset_paths(config: TrainConfig, split: str) -> tuple[str, str]:
@@ -282,6 +288,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     returned dict is rank 0's (other ranks get ``{"rank": r}``). The process group is destroyed on exit.
     """
     config.validate()
+    threads_before = torch.get_num_threads()
     info = D.init_distributed(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -292,6 +299,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         raise
+    finally:
+        close_logger()
+        torch.set_num_threads(threads_before)
     D.cleanup()
     return result
 
