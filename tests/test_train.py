@@ -125,6 +125,23 @@ def test_data_order_is_resumable_and_sharded():
     assert other_seed != full
 
 
+def test_flip_moves_boxes_and_masks_with_the_image():
+    from overlap_sampler.engine.train import FlipDataset
+
+    image = torch.zeros(3, 20, 30)
+    image[:, 5:10, 2:8] = 1.0  # object covering x in [2, 8), y in [5, 10)
+    masks = (image[:1] > 0).to(torch.uint8)
+    target = {"boxes": torch.tensor([[2.0, 5.0, 8.0, 10.0]]), "labels": torch.tensor([1]), "masks": masks}
+    flipped, t = FlipDataset([(image, target)])[(0, True)]
+    x1, y1, x2, y2 = t["boxes"][0].tolist()
+    assert (x1, y1, x2, y2) == (22.0, 5.0, 28.0, 10.0)
+    ys, xs = torch.nonzero(flipped[0], as_tuple=True)
+    assert xs.min() == x1 and xs.max() + 1 == x2 and ys.min() == y1 and ys.max() + 1 == y2
+    assert torch.equal(t["masks"][0].bool(), flipped[0] > 0)
+    same, t0 = FlipDataset([(image, target)])[(0, False)]
+    assert same is image and t0 is target
+
+
 # ---------------------------------------------------------------------- end to end
 def test_fasterrcnn_train_and_eval(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path / "run")
@@ -171,6 +188,17 @@ def test_amp_on_cpu_is_ignored_with_a_note(tiny_data, tmp_path):
     train(cfg)
     log = (tmp_path / "run" / "train.log").read_text()
     assert "amp=true needs CUDA" in log
+
+
+def test_loader_workers_do_not_change_the_result(tiny_data, tmp_path):
+    """The data order lives in the batch sampler, so worker processes give the same weights."""
+    states = []
+    for workers in (0, 1):
+        out = tmp_path / f"workers{workers}"
+        train(tiny_config(tiny_data, out, iterations=2, num_workers=workers, eval_at_end=False))
+        states.append(load_checkpoint(str(out / "last_checkpoint.pth")))
+    for k, v in states[0]["model"].items():
+        assert torch.equal(v, states[1]["model"][k]), k
 
 
 def test_load_model_from_checkpoint_errors(tmp_path):
@@ -248,14 +276,18 @@ def test_stop_after_then_resume_is_bit_identical(tiny_data, tmp_path, uninterrup
 
 
 # ---------------------------------------------------------------------- DDP
+def run_torchrun(args: list[str]) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "overlap_sampler.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+
+
 def test_ddp_two_gloo_processes(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     settings = tiny_settings(tiny_data, out, iterations=2, log_every=1, checkpoint_every=2)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "overlap_sampler.cli", "train", *cli_args(settings)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    run_torchrun(["train", *cli_args(settings)])
     state = load_checkpoint(str(out / "last_checkpoint.pth"))
     assert state["iteration"] == 2 and state["world_size"] == 2
     assert len(state["rng"]) == 2  # both ranks' generators, for an exact resume
@@ -271,3 +303,16 @@ def test_ddp_two_gloo_processes(tiny_data, tmp_path):
     # Only rank 0 writes: one log, no stray files from rank 1.
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("checkpoint_")) == [
         "config.json", "eval.json", "last_checkpoint.pth", "loss_curve.png", "metrics.json", "train.log"]
+
+
+def test_ddp_resume_is_bit_identical(tiny_data, tmp_path):
+    """Two ranks stopped after iteration 1 and resumed: both ranks' generators come back."""
+    settings = dict(iterations=3, log_every=1, checkpoint_every=1, eval_at_end=False)
+    full = tmp_path / "full"
+    run_torchrun(["train", *cli_args(tiny_settings(tiny_data, full, **settings))])
+    parts = tmp_path / "parts"
+    run_torchrun(["train", *cli_args(tiny_settings(tiny_data, parts, **settings)), "--stop-after", "1"])
+    assert load_checkpoint(str(parts / "last_checkpoint.pth"))["iteration"] == 1
+    run_torchrun(["train", *cli_args(tiny_settings(tiny_data, parts, **settings)), "--resume", "auto"])
+    assert_same_training_state(load_checkpoint(str(full / "last_checkpoint.pth")),
+                               load_checkpoint(str(parts / "last_checkpoint.pth")))
