@@ -38,28 +38,32 @@ def checkpoint_name(iteration: int) -> str:
 
 # ---------------------------------------------------------------------- RNG states
 def get_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and every CUDA generator state, as weights_only-loadable values."""
+    """Python, NumPy, torch CPU and CUDA generator states, as weights_only-loadable values.
+
+    ``cuda`` is the current device's generator (each DDP process owns one GPU), or None when CUDA was
+    never initialised in this process (asking would create a context on every GPU).
+    """
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``get_rng_state`` returned. CUDA states are restored when the device count matches."""
+    """Restore what ``get_rng_state`` returned (the CUDA state into the current device's generator)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 # ---------------------------------------------------------------------- save / load
