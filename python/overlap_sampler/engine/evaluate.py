@@ -271,11 +271,13 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic"
 
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    model, config = load_model_from_checkpoint(checkpoint, map_location="cpu")
     if dataset == "synthetic":
         if val_images is not None or val_annotations is not None:
             raise ValueError("give either dataset='synthetic' or val_images + val_annotations, "
                              "not both")
-        image_dir, annotation_file = synthetic_dataset("val")
+        # The cache the checkpoint was trained from (train's --data-root).
+        image_dir, annotation_file = synthetic_dataset("val", root=getattr(config, "data_root", None))
     elif dataset is None:
         if val_images is None or val_annotations is None:
             raise ValueError("val_images and val_annotations are both needed when dataset is None "
@@ -285,7 +287,6 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic"
     else:
         raise ValueError(f"dataset must be 'synthetic' or None, got {dataset!r}")
 
-    model, config = load_model_from_checkpoint(checkpoint, map_location="cpu")
     trained_categories = load_checkpoint(checkpoint)["category_ids"]
     with_masks = getattr(config, "arch", None) == "maskrcnn" or _has_mask_head(model)
     data = CocoDetection(image_dir, annotation_file, masks=with_masks)
