@@ -121,6 +121,15 @@ def test_bad_values_name_the_field(settings, field):
         TrainConfig.from_dict(settings)
 
 
+def test_random_sampler_refuses_settings_it_would_ignore():
+    assert parse("--sampler", "random").sampler.pos_weight == 1.0  # the preset itself is consistent
+    with pytest.raises(ValueError, match="pos_weight=2.0"):
+        parse("--sampler", "random", "--pos-weight", "2").validate()
+    with pytest.raises(ValueError, match="neg_strategy='soft'"):
+        TrainConfig.from_dict({"sampler": {"sampler": "random", "neg_strategy": "soft",
+                                           "pos_strategy": "uniform", "pos_weight": 1.0}})
+
+
 def test_dataset_paths_imply_coco():
     cfg = parse("--train-images", "d", "--train-annotations", "a.json", "--val-images", "v",
                 "--val-annotations", "v.json")

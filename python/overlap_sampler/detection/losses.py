@@ -37,7 +37,8 @@ def weighted_fastrcnn_loss(
     """
     labels_all = torch.cat(labels, dim=0)
     targets_all = torch.cat(regression_targets, dim=0)
-    weights_all = torch.cat(weights, dim=0).to(class_logits.dtype)
+    # float32 even under autocast: a float16 ε would be rounded (1.1 -> 1.0996).
+    weights_all = torch.cat(weights, dim=0).to(torch.float32)
     num_rois = class_logits.shape[0]
     box_regression = box_regression.reshape(num_rois, box_regression.size(-1) // 4, 4)
     if labels_all.numel() == 0:

@@ -196,6 +196,15 @@ class TrainConfig:
         if not isinstance(self.sampler, SamplerConfig):
             bad("sampler", "a SamplerConfig")
         self.sampler.validate()
+        if self.sampler.sampler == "random":
+            # torchvision's own sampling runs then: these settings would be silently ignored.
+            ignored = [f"{name}={getattr(self.sampler, name)!r}" for name, off in
+                       (("neg_strategy", "uniform"), ("pos_strategy", "uniform"), ("pos_weight", 1.0))
+                       if getattr(self.sampler, name) != off]
+            if ignored:
+                raise ValueError(f"TrainConfig.sampler: sampler='random' runs torchvision's sampler, which has "
+                                 f"no {', '.join(ignored)}; use sampler='overlap' with uniform strategies, "
+                                 "or drop those settings")
         for name in ("min_size", "max_size", "iterations", "batch_size", "checkpoint_every", "log_every",
                      "eval_batch_size"):
             if not (is_int(getattr(self, name)) and getattr(self, name) > 0):

@@ -322,7 +322,18 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
         logger.warning("amp=true needs CUDA; training on %s in float32 instead", device)
 
     # ---- resume state (read on every rank: each restores its own generators)
-    resume_path = _resolve_resume(config)
+    # Resolved on rank 0 only: ranks that don't share the output folder must still resume together.
+    # An error on rank 0 travels too, so that no rank waits for a broadcast that never comes.
+    resolved: object = None
+    if info.is_main:
+        try:
+            resolved = _resolve_resume(config)
+        except Exception as error:  # re-raised below on every rank
+            resolved = error
+    resolved = D.broadcast_object(resolved)
+    if isinstance(resolved, Exception):
+        raise resolved
+    resume_path = resolved
     state = None
     if resume_path is not None:
         state = load_checkpoint(resume_path)
@@ -353,6 +364,10 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
 
     # ---- model and optimisation
     model = build_model_for(config, num_classes, initial_weights=state is None).to(device)
+    if device.type == "cuda":
+        # The sampler's value checks would read from the GPU every step; the head builds consistent
+        # splits itself and torchvision rejects degenerate GT boxes, so keep the step asynchronous.
+        model.roi_heads.validate_inputs = False
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     schedule = IterationLR(optimizer, config)
@@ -371,6 +386,9 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
         rngs = state.get("rng") or []
         if len(rngs) == info.world_size:
             set_rng_state(rngs[info.rank])
+            if rngs[info.rank].get("cuda") is None and device.type == "cuda":
+                # Saved on CPU, resumed on CUDA: distinct CUDA streams per rank (RoI sampling draws there).
+                torch.cuda.manual_seed(config.seed + 1000003 * (start_iter + 1) + info.rank)
         else:
             # A different world size cannot replay the old streams; give each rank a fresh, distinct one.
             logger.warning("checkpoint holds generator states of %d ranks, running %d: reseeding", len(rngs),
