@@ -250,9 +250,18 @@ class OverlapRoIHeads(RoIHeads):
         num_proposals = all_proposals.shape[0]
         num_gt = all_gt.shape[0]
 
+        # Under autocast the proposals are 16-bit: match and sample in float32
+        # (GT boxes at their own precision), as bfloat16 coordinates near 1000 px
+        # are 4 px apart and the op takes no bfloat16.
+        if dtype == torch.float16 or dtype == torch.bfloat16:
+            sample_proposals = all_proposals.float()
+            sample_gt = torch.cat([t["boxes"] for t in targets]).float()
+        else:
+            sample_proposals = all_proposals
+            sample_gt = all_gt
         indices, matched_gt, weights, num_pos, num_neg = torch.ops.overlap_sampler.sample(
-            all_proposals, _splits([p.shape[0] for p in proposals], device),
-            all_gt, _splits(gt_counts, device),
+            sample_proposals, _splits([p.shape[0] for p in proposals], device),
+            sample_gt, _splits(gt_counts, device),
             batch_size_per_image=self.batch_size_per_image,
             positive_fraction=self.positive_fraction,
             fg_iou_thresh=self.fg_iou_thresh,
