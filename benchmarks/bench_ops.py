@@ -81,7 +81,16 @@ def profile_kernels(fn):
         fn()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return len(kernels), sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+    return len(kernels), sum(e.time_range.elapsed_us() for e in kernels) / 1e6, [
+        (short_kernel_name(e.name), e.time_range.elapsed_us()) for e in kernels]
+
+
+def short_kernel_name(name, width=70):
+    """`void ns::(anonymous namespace)::select_kernel<float>(...)` -> `select_kernel<float>`."""
+    head = name.replace("(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
+    base, template = head.split("<")[0], head[len(head.split("<")[0]):]
+    short = base.split("::")[-1] + template
+    return short if len(short) <= width else short[:width - 3] + "..."
 
 
 def time_graph_replay(fn, repeats=50):
@@ -117,7 +126,7 @@ def measure(images, proposals_per_image, gt_per_image, device, repeats, with_ref
     for name, fn in calls.items():
         row[name] = time_call(fn, device, repeats)
     if device.type == "cuda":
-        row["launches"], row["kernel time"] = profile_kernels(calls["overlap_sampler.sample"])
+        row["launches"], row["kernel time"], row["kernels"] = profile_kernels(calls["overlap_sampler.sample"])
         # The op's random draw comes from the generator; give it as uniforms to capture the rest.
         uniforms = torch.rand(batch[0].shape[0] + batch[2].shape[0], dtype=torch.float64, device=device)
         row["graph replay"] = time_graph_replay(lambda: overlap_sampler.sample_from_uniforms(
@@ -169,6 +178,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="fewer sizes, fewer repeats")
+    parser.add_argument("--main-only", action="store_true", help="only the main case (B=16, N=2000)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -179,6 +189,8 @@ def main():
                 "scaling in B (N=2000, G=20)": [(b, 2000, 20) for b in (1, 4, 16, 64)]}
     if args.quick:
         sections = {"main": [(16, 2000, 20)], "scaling in N (B=4, G=20)": [(4, n, 20) for n in (500, 10000)]}
+    if args.main_only:
+        sections = {"main": [(16, 2000, 20)]}
     results = {"device": device_name(device), "torch": torch.__version__,
                "build": overlap_sampler.build_info, "threads": torch.get_num_threads(), "sections": {}}
     jobs = [(title, size) for title, sizes in sections.items() for size in sizes]
@@ -194,6 +206,12 @@ def main():
               f"`overlap_sampler.sample` (>1 = faster), measured side by side in one run.", ""]
     for title, rows in results["sections"].items():
         report.append(to_markdown(title, rows))
+    main_row = results["sections"]["main"][0]
+    if "kernels" in main_row:
+        report += ["### kernels of one `sample` call, main case (torch profiler)", "",
+                   "| kernel | µs |", "|---|---|"]
+        report += [f"| `{name}` | {us:.1f} |" for name, us in main_row["kernels"]]
+        report.append("")
     text = "\n".join(report)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,13 @@ namespace gpu {
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Threads of every block-per-item kernel of the library.
-constexpr int kThreads = 256;
+// Threads of every block-per-item kernel of the library. A compile definition
+// may override it (a benchmark knob; 32 * k up to 1024).
+#ifndef OVERLAP_SAMPLER_CUDA_THREADS
+#define OVERLAP_SAMPLER_CUDA_THREADS 256
+#endif
+constexpr int kThreads = OVERLAP_SAMPLER_CUDA_THREADS;
+static_assert(kThreads % 32 == 0 && kThreads <= 1024, "threads per block: 32 * k, at most 1024");
 constexpr int kWarps = kThreads / kWarpSize;
 
 // Blocks for a grid-stride kernel over n items: enough to cover them, capped
@@ -263,6 +268,9 @@ __device__ void block_topk_resolve(int64_t n, int num_segments, TopKState<kMaxSe
         const long long need = st.remaining[s];
         const unsigned ballot =
             __ballot_sync(kFullMask, static_cast<long long>(inclusive) >= need);
+        // Every lane has read mode/remaining before one lane rewrites them:
+        // __ballot_sync orders no memory, __syncwarp does (racecheck's hazard).
+        __syncwarp();
         // ballot != 0 whenever `count` in topk_init was right; otherwise the
         // segment stays Pending and is read with its prefix so far.
         if (ballot != 0 && lane == __ffs(ballot) - 1) {
