@@ -4,10 +4,13 @@
 // captured in a CUDA graph.
 //
 //   1. match_kernel, one thread per example: IoU_g,e, matched GT and label;
-//      also widens the boxes to acc_t in "image-major" order (below).
+//      also widens the boxes to acc_t in "image-major" order (below), and
+//      zeroes the overlap keys.
 //   2. overlap_key_kernel, kThreads examples per block: IoU_p,n of negatives
 //      and the key of positives, streaming the image's examples through shared
 //      memory in tiles (only the class each thread reduces over is visited).
+//      The tiles of an image are split among gridDim.y blocks, so that small
+//      batches still fill the GPU; partial maxima meet in an atomicMax.
 //   3. select_kernel, one block per image: class counts and key ranges, bin
 //      counts, water-filling, sampling keys, the per-segment top-k by block
 //      radix select, the epsilon weights and the ordered compaction into the
@@ -115,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
                  const scalar_t* __restrict__ gt_boxes, at::opmath_type<scalar_t> fg_thresh,
                  at::opmath_type<scalar_t> bg_thresh, at::opmath_type<scalar_t>* __restrict__ boxes,
                  int8_t* __restrict__ label, int64_t* __restrict__ matched,
-                 at::opmath_type<scalar_t>* __restrict__ iou_gt) {
+                 at::opmath_type<scalar_t>* __restrict__ iou_gt, double* __restrict__ overlap_key) {
   using acc_t = at::opmath_type<scalar_t>;
   OS_GRID_STRIDE_LOOP(x, num_examples) {
     const int64_t b = layout.image_of(x);
@@ -155,13 +158,17 @@ __global__ void __launch_bounds__(kThreads)
     label[x] = l;
     matched[x] = best_gt;
     iou_gt[x] = best;
+    if (overlap_key != nullptr) overlap_key[x] = 0.0;  // "0 if none"; overlap_key_kernel maxes into it
   }
 }
 
 // ---------------------------------------------------------------------------
 // 2. Overlap keys: for each example that needs one, the max IoU with the
-// image's examples of the other class (or with all others). Max is exact, so
-// the order in which tiles and their members are visited does not matter.
+// image's examples of the other class (or with all others). Block (i, j)
+// visits tiles j, j + gridDim.y, ... of each image. Max is exact, so neither
+// the order of tiles and members nor the split changes the result: partial
+// maxima go through atomicMax on the key's bits (non-negative doubles order
+// like their bits; acc_t -> double is exact and monotone).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     overlap_key_kernel(ImageLayout layout, int64_t num_examples, const acc_t* __restrict__ boxes,
@@ -171,6 +178,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ int tile_members[2][kThreads];  // slots of the tile's positives / negatives
   __shared__ int tile_counts[2];
 
+  const int64_t tile_stride = static_cast<int64_t>(gridDim.y) * kThreads;
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads; first < num_examples;
        first += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t last = min(first + kThreads, num_examples) - 1;
@@ -198,7 +206,7 @@ __global__ void __launch_bounds__(kThreads)
       if (!__syncthreads_or(mine)) continue;
       const int64_t x0 = layout.start(b);
       const int64_t x1 = layout.start(b + 1);
-      for (int64_t t0 = x0; t0 < x1; t0 += kThreads) {
+      for (int64_t t0 = x0 + static_cast<int64_t>(blockIdx.y) * kThreads; t0 < x1; t0 += tile_stride) {
         if (threadIdx.x < 2) tile_counts[threadIdx.x] = 0;
         __syncthreads();
         const int64_t y = t0 + threadIdx.x;
@@ -229,8 +237,12 @@ __global__ void __launch_bounds__(kThreads)
         __syncthreads();
       }
     }
-    // Computed in acc_t, then converted to double (docs/ops.md, step 3).
-    if (over != kOverNothing) overlap_key[x] = static_cast<double>(best);
+    // Computed in acc_t, then converted to double (docs/ops.md, step 3). A zero
+    // (or NaN, never taken by the max) leaves match_kernel's +0.0.
+    if (over != kOverNothing && best > acc_t(0)) {
+      atomicMax(reinterpret_cast<unsigned long long*>(overlap_key + x),
+                static_cast<unsigned long long>(__double_as_longlong(static_cast<double>(best))));
+    }
   }
 }
 
@@ -532,6 +544,23 @@ class Workspace {
   at::Tensor buffer_;
 };
 
+// Blocks along gridDim.y of overlap_key_kernel: enough, with the query blocks,
+// for about 8 blocks per multiprocessor, and no more than an average image has
+// tiles. Only shapes are read (no sync); an image with fewer tiles than splits
+// leaves some blocks idle, never wrong.
+unsigned int key_splits(int64_t num_examples, int64_t num_images) {
+  int device = 0;
+  int multiprocessors = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  const int64_t query_blocks = gpu::grid_blocks(num_examples);
+  const int64_t per_image = (num_examples + std::max<int64_t>(num_images, 1) - 1) /
+                            std::max<int64_t>(num_images, 1);
+  const int64_t tiles = std::max<int64_t>((per_image + kThreads - 1) / kThreads, 1);
+  const int64_t wanted = std::max<int64_t>(8 * int64_t{multiprocessors} / query_blocks, 1);
+  return static_cast<unsigned int>(std::min<int64_t>({wanted, tiles, 65535}));
+}
+
 }  // namespace
 
 SampleResult sample_from_uniforms_cuda(
@@ -618,15 +647,17 @@ SampleResult sample_from_uniforms_cuda(
     const size_t label_at = ws.reserve<int8_t>(num_examples);
     ws.allocate(props.options());
 
+    const bool any_keys = negative_keys || positive_keys;
     if (num_examples > 0) {
       match_kernel<scalar_t><<<gpu::grid_blocks(num_examples), kThreads, 0, stream>>>(
           layout, num_examples, props.const_data_ptr<scalar_t>(), gts.const_data_ptr<scalar_t>(),
           static_cast<acc_t>(o.fg_iou_thresh), static_cast<acc_t>(o.bg_iou_thresh),
           ws.at<acc_t>(boxes_at), ws.at<int8_t>(label_at), ws.at<int64_t>(matched_at),
-          ws.at<acc_t>(iou_gt_at));
+          ws.at<acc_t>(iou_gt_at), any_keys ? ws.at<double>(overlap_key_at) : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (negative_keys || positive_keys) {
-        overlap_key_kernel<acc_t><<<gpu::grid_blocks(num_examples), kThreads, 0, stream>>>(
+      if (any_keys) {
+        const dim3 grid(gpu::grid_blocks(num_examples), key_splits(num_examples, num_images));
+        overlap_key_kernel<acc_t><<<grid, kThreads, 0, stream>>>(
             layout, num_examples, ws.at<acc_t>(boxes_at), ws.at<int8_t>(label_at), negative_keys,
             positive_keys, o.pos_key_all, ws.at<double>(overlap_key_at));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
