@@ -1,11 +1,14 @@
-// CPU max-IoU search by an x-sweep: the keys of one image are sorted by x1
-// once; a query then visits only keys whose x-interval can overlap its own
-// (x1 in [q.x1 - widest key, q.x2)), which skips most pairs of a detection
-// batch. Exact: pruned pairs have IoU 0 (see maybe_lowest_zero below).
+// CPU max-IoU search by an x-sweep: the boxes of one image are sorted by x1
+// once; a query then visits only boxes whose x-interval can overlap its own
+// (x1 in [q.x1 - widest box, q.x2)), which skips most pairs of a detection
+// batch. Exact: pruned pairs have IoU 0 (the lower bound keeps a margin for
+// rounding, see lowest_x1), so results equal the unpruned CUDA kernels'.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -20,8 +23,11 @@ class OverlapSweep {
   void reset(const T* boxes, const int64_t* ids, int64_t count) {
     order_.resize(count);
     std::iota(order_.begin(), order_.end(), int64_t{0});
+    // NaN x1 (only with validate=false) sorts last as +inf: std::sort needs a
+    // strict weak order. Such a box has IoU NaN or 0 with anything: never a max.
     std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
-      return boxes[4 * a] < boxes[4 * b] || (boxes[4 * a] == boxes[4 * b] && ids[a] < ids[b]);
+      const T xa = sort_x1(boxes[4 * a]), xb = sort_x1(boxes[4 * b]);
+      return xa < xb || (xa == xb && ids[a] < ids[b]);
     });
     sorted_.resize(4 * count);
     sorted_ids_.resize(count);
@@ -36,7 +42,7 @@ class OverlapSweep {
       const int64_t k = order_[r];
       std::copy(boxes + 4 * k, boxes + 4 * k + 4, sorted_.begin() + 4 * r);
       sorted_ids_[r] = ids[k];
-      x1_[r] = boxes[4 * k];
+      x1_[r] = sort_x1(boxes[4 * k]);
       y1_[r] = boxes[4 * k + 1];
       x2_[r] = boxes[4 * k + 2];
       y2_[r] = boxes[4 * k + 3];
@@ -47,13 +53,42 @@ class OverlapSweep {
   }
 
   int64_t size() const { return static_cast<int64_t>(sorted_ids_.size()); }
+  // Id of the box in sorted position r.
+  int64_t id(int64_t r) const { return sorted_ids_[r]; }
+
+  // Key-major use, with the *queries* in the sweep: best[r] = max(best[r],
+  // IoU(box r, key)) for every box r (sorted position) that the key's
+  // x-interval can meet. One contiguous, vectorised pass per key; max is
+  // exact, so any key order gives max_value's results, bit for bit (same
+  // operations: min/max and the area sum are exact whatever the order).
+  void max_into(const T* key, T* best) const {
+    const int64_t first =
+        std::lower_bound(x1_.begin(), x1_.end(), lowest_x1(key[0])) - x1_.begin();
+    const int64_t last = std::lower_bound(x1_.begin() + first, x1_.end(), key[2]) - x1_.begin();
+    const T kx1 = key[0], ky1 = key[1], kx2 = key[2], ky2 = key[3];
+    const T k_area = box_area(key);
+    const T* x1 = x1_.data();
+    const T* y1 = y1_.data();
+    const T* x2 = x2_.data();
+    const T* y2 = y2_.data();
+    const T* area = area_.data();
+#pragma omp simd
+    for (int64_t r = first; r < last; ++r) {
+      const T w = (x2[r] < kx2 ? x2[r] : kx2) - (x1[r] > kx1 ? x1[r] : kx1);
+      const T h = (y2[r] < ky2 ? y2[r] : ky2) - (y1[r] > ky1 ? y1[r] : ky1);
+      const T inter = (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
+      const T uni = area[r] + k_area - inter;
+      const T iou = uni > T(0) ? inter / uni : T(0);
+      best[r] = iou > best[r] ? iou : best[r];
+    }
+  }
 
   // Max IoU of `query` with every key, value only: the sampler's keys need no
   // argmax, and without it the loop is branch-free over contiguous arrays, so
   // the compiler vectorises it. Same arithmetic as box_iou_pair(query, key).
   T max_value(const T* q) const {
     const int64_t first =
-        std::lower_bound(x1_.begin(), x1_.end(), q[0] - max_width_) - x1_.begin();
+        std::lower_bound(x1_.begin(), x1_.end(), lowest_x1(q[0])) - x1_.begin();
     const int64_t last = std::lower_bound(x1_.begin() + first, x1_.end(), q[2]) - x1_.begin();
     const T qx1 = q[0], qy1 = q[1], qx2 = q[2], qy2 = q[3];
     const T q_area = box_area(q);
@@ -81,7 +116,7 @@ class OverlapSweep {
   void query(const T* q, int64_t skip_id, T& best, int64_t& best_id) const {
     best = T(0);
     best_id = -1;
-    const auto first = std::lower_bound(x1_.begin(), x1_.end(), q[0] - max_width_);
+    const auto first = std::lower_bound(x1_.begin(), x1_.end(), lowest_x1(q[0]));
     const auto last = std::lower_bound(first, x1_.end(), q[2]);
     for (auto it = first; it != last; ++it) {
       const int64_t r = it - x1_.begin();
@@ -96,6 +131,16 @@ class OverlapSweep {
   }
 
  private:
+  static T sort_x1(T x1) { return x1 == x1 ? x1 : std::numeric_limits<T>::infinity(); }
+
+  // Boxes starting below this cannot meet an interval starting at x: their x2
+  // is below x. x - widest would do in exact arithmetic; the margin (far above
+  // rounding, far below box sizes) keeps a pair whose IoU rounds above 0.
+  T lowest_x1(T x) const {
+    const T bound = x - max_width_;
+    return bound - (std::abs(bound) + max_width_) * T(1e-4);
+  }
+
   void insert_lowest(int64_t id) {
     if (lowest_ids_[0] < 0 || id < lowest_ids_[0]) {
       lowest_ids_[1] = lowest_ids_[0];

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
 #include <vector>
 
@@ -83,30 +84,72 @@ class ImageSampler {
     column_.resize(count);
   }
 
-  // IoU_g,e, matched GT and the label of every example.
+  // IoU_g,e, matched GT and the label of every example. GT-major: one
+  // branch-free pass over the proposals per GT, over one array per
+  // coordinate, so the compiler vectorises it. Visiting GTs in ascending
+  // order and replacing only on a larger IoU (or the first, 0) is
+  // update_max's lowest-index tie rule.
   void match(int64_t g_begin, int64_t g_end) {
     const T fg = static_cast<T>(o_.fg_iou_thresh);
     const T bg = static_cast<T>(o_.bg_iou_thresh);
+    const int64_t n = num_local_proposals_;
+    x1_.resize(n);
+    y1_.resize(n);
+    x2_.resize(n);
+    y2_.resize(n);
+    area_.resize(n);
+    for (int64_t e = 0; e < n; ++e) {
+      const T* box = boxes_.data() + 4 * e;
+      x1_[e] = box[0];
+      y1_[e] = box[1];
+      x2_[e] = box[2];
+      y2_[e] = box[3];
+      area_[e] = box_area(box);
+    }
+    // The matched GT as an int32 offset from g_begin (-1: none yet): float and
+    // int32 lanes have one width, and SSE2 compares int32 (not int64).
+    best_gt_offset_.assign(n, -1);
+    int32_t* best_gt = best_gt_offset_.data();
+    T* best = iou_gt_.data();
+    std::fill_n(best, n, T(0));
+    const T* x1 = x1_.data();
+    const T* y1 = y1_.data();
+    const T* x2 = x2_.data();
+    const T* y2 = y2_.data();
+    const T* area = area_.data();
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      const T* gt = gt_boxes_ + 4 * g;
+      const T gx1 = gt[0], gy1 = gt[1], gx2 = gt[2], gy2 = gt[3];
+      const T g_area = box_area(gt);
+      const int32_t offset = static_cast<int32_t>(g - g_begin);
+      // box_iou_pair(proposal, gt), operation for operation.
+#pragma omp simd
+      for (int64_t e = 0; e < n; ++e) {
+        const T w = (x2[e] < gx2 ? x2[e] : gx2) - (x1[e] > gx1 ? x1[e] : gx1);
+        const T h = (y2[e] < gy2 ? y2[e] : gy2) - (y1[e] > gy1 ? y1[e] : gy1);
+        const T inter = (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
+        const T uni = area[e] + g_area - inter;
+        const T iou = uni > T(0) ? inter / uni : T(0);
+        // Bitwise, not short-circuit: no branch, so the loop vectorises.
+        const bool take = (iou > best[e]) | ((iou == best[e]) & (best_gt[e] < 0));
+        best[e] = take ? iou : best[e];
+        best_gt[e] = take ? offset : best_gt[e];
+      }
+    }
+    for (int64_t e = 0; e < n; ++e) matched_[e] = best_gt[e] < 0 ? -1 : g_begin + best_gt[e];
+    const int64_t count = static_cast<int64_t>(example_id_.size());
+    for (int64_t e = n; e < count; ++e) {
+      // A GT copy is matched to its own row (even if another GT is identical).
+      const T* box = boxes_.data() + 4 * e;
+      iou_gt_[e] = box_iou_pair(box, box);
+      matched_[e] = g_begin + (e - n);
+    }
     pos_.clear();
     neg_.clear();
-    for (int64_t e = 0; e < static_cast<int64_t>(example_id_.size()); ++e) {
-      const T* box = boxes_.data() + 4 * e;
-      T best = T(0);
-      int64_t best_gt = -1;
-      const bool is_copy = e >= num_local_proposals_;
-      if (is_copy) {
-        best = box_iou_pair(box, box);
-        best_gt = g_begin + (e - num_local_proposals_);
-      } else {
-        for (int64_t g = g_begin; g < g_end; ++g) {
-          update_max(box_iou_pair(box, gt_boxes_ + 4 * g), g, best, best_gt);
-        }
-      }
-      iou_gt_[e] = best;
-      matched_[e] = best_gt;
-      if (is_copy || (best_gt >= 0 && best >= fg)) {
+    for (int64_t e = 0; e < count; ++e) {
+      if (e >= n || (matched_[e] >= 0 && iou_gt_[e] >= fg)) {
         pos_.push_back(e);
-      } else if (best < bg) {
+      } else if (iou_gt_[e] < bg) {
         neg_.push_back(e);
       }
     }
@@ -141,10 +184,19 @@ class ImageSampler {
       for (const int64_t e : queries) key_[e] = 0.0;
       return;
     }
-    key_boxes_.resize(4 * keys.size());
-    for (size_t i = 0; i < keys.size(); ++i) {
-      std::copy_n(boxes_.data() + 4 * keys[i], 4, key_boxes_.data() + 4 * i);
+    if (!exclude_self && queries.size() >= keys.size()) {
+      // Values only, and more queries than keys (negatives against positives):
+      // sweep the queries and make one long vectorised pass per key.
+      gather_boxes(queries);
+      sweep_.reset(key_boxes_.data(), queries.data(), static_cast<int64_t>(queries.size()));
+      best_.assign(queries.size(), T(0));
+      for (const int64_t k : keys) sweep_.max_into(boxes_.data() + 4 * k, best_.data());
+      for (size_t r = 0; r < queries.size(); ++r) {
+        key_[sweep_.id(static_cast<int64_t>(r))] = static_cast<double>(best_[r]);
+      }
+      return;
     }
+    gather_boxes(keys);
     sweep_.reset(key_boxes_.data(), keys.data(), static_cast<int64_t>(keys.size()));
     for (const int64_t e : queries) {
       T best;
@@ -155,6 +207,14 @@ class ImageSampler {
         best = sweep_.max_value(boxes_.data() + 4 * e);
       }
       key_[e] = static_cast<double>(best);
+    }
+  }
+
+  // key_boxes_ = the boxes of `members`, in order.
+  void gather_boxes(const std::vector<int64_t>& members) {
+    key_boxes_.resize(4 * members.size());
+    for (size_t i = 0; i < members.size(); ++i) {
+      std::copy_n(boxes_.data() + 4 * members[i], 4, key_boxes_.data() + 4 * i);
     }
   }
 
@@ -264,7 +324,10 @@ class ImageSampler {
   std::vector<int64_t> pos_, neg_, all_;
   std::vector<char> selected_;
   std::vector<int64_t> column_;
+  std::vector<T> x1_, y1_, x2_, y2_, area_;  // the proposals, one array per coordinate
+  std::vector<int32_t> best_gt_offset_;
   std::vector<T> key_boxes_;
+  std::vector<T> best_;  // key-major overlaps, in the sweep's order
   OverlapSweep<T> sweep_;
   std::vector<KeyedCandidate> candidates_;
   std::vector<std::vector<KeyedCandidate>> bins_;

@@ -67,6 +67,32 @@ def test_validate_false_skips_value_checks_only():
     assert result.indices.shape == (1, 512)
 
 
+def test_nan_x1_without_validation_never_crashes():
+    """NaN x1 reaches the CPU's x-sort with validate=False: std::sort needs a strict
+    weak order, so a NaN there could read out of bounds. In a child process."""
+    script = textwrap.dedent(
+        """
+        import torch, overlap_sampler as o
+        from overlap_sampler.testing import make_batch
+        proposals, ps, gt, gs = make_batch([600, 300], [8, 5], seed=0, canvas=500.0)
+        proposals[::3, 0] = float("nan")
+        gt[1, 0] = float("nan")
+        for neg in o.NEGATIVE_STRATEGIES:
+            for pos_key in ("negatives", "all"):
+                r = o.sample(proposals, ps, gt, gs, neg_strategy=neg, pos_strategy="linear", pos_key=pos_key,
+                             validate=False, generator=torch.Generator().manual_seed(0))
+                assert r.indices.shape == (2, 512)
+                for row, limit in zip(r.indices, (range(0, 600), range(600, 900))):
+                    taken = row[row >= 0].tolist()
+                    assert len(taken) == len(set(taken))
+                    assert all(i in limit or i >= 900 for i in taken)
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mixed_devices():
     with pytest.raises(ValueError, match="on one device"):

@@ -61,6 +61,22 @@ def test_matches_reference_for_options_and_dtypes(device, options, dtype):
     assert_same(got, reference.sample_from_uniforms(*batch, uniforms, **options))
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("crowded_fraction", [0.05, 0.95])
+def test_few_or_many_positives_match_reference(device, crowded_fraction):
+    """Overlap keys both ways round: the CPU sweeps whichever of queries and keys
+    is larger (negatives against few positives, or positives against few
+    negatives), on a realistic canvas where the sweep prunes most pairs."""
+    batch = make_batch([1500, 700], [12, 30], seed=3, crowded_fraction=crowded_fraction, canvas=1000.0)
+    uniforms = torch.rand(batch[0].shape[0] + batch[2].shape[0], dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(2))
+    for pos_key in ("negatives", "all"):
+        options = dict(neg_strategy="linear", pos_strategy="linear", pos_key=pos_key, positive_fraction=0.5)
+        got = overlap_sampler.sample_from_uniforms(*[t.to(device) for t in batch], uniforms.to(device),
+                                                   **options)
+        assert_same(got, reference.sample_from_uniforms(*batch, uniforms, **options))
+
+
 def test_sample_draws_its_uniforms_from_the_generator():
     batch = make_batch([200, 50], [5, 2], seed=3)
     got = overlap_sampler.sample(*batch, pos_weight=2.0, generator=torch.Generator().manual_seed(7))
