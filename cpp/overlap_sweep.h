@@ -24,7 +24,9 @@ class OverlapSweep {
     order_.resize(count);
     std::iota(order_.begin(), order_.end(), int64_t{0});
     // NaN x1 (only with validate=false) sorts last as +inf: std::sort needs a
-    // strict weak order. Such a box has IoU NaN or 0 with anything: never a max.
+    // strict weak order. As the *second* box of box_iou_pair (a key), such a
+    // box has IoU 0 or NaN, never a max, with +inf as with NaN; queries with a
+    // NaN are not swept (sample_cpu.cpp compares them with every key).
     std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
       const T xa = sort_x1(boxes[4 * a]), xb = sort_x1(boxes[4 * b]);
       return xa < xb || (xa == xb && ids[a] < ids[b]);
@@ -61,6 +63,7 @@ class OverlapSweep {
   // x-interval can meet. One contiguous, vectorised pass per key; max is
   // exact, so any key order gives max_value's results, bit for bit (same
   // operations: min/max and the area sum are exact whatever the order).
+  // The swept queries must be NaN-free (see reset).
   void max_into(const T* key, T* best) const {
     const int64_t first =
         std::lower_bound(x1_.begin(), x1_.end(), lowest_x1(key[0])) - x1_.begin();

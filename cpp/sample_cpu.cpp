@@ -178,12 +178,33 @@ class ImageSampler {
     }
   }
 
-  void overlaps_with(const std::vector<int64_t>& queries, const std::vector<int64_t>& keys,
+  void overlaps_with(const std::vector<int64_t>& all_queries, const std::vector<int64_t>& keys,
                      bool exclude_self) {
     if (keys.empty()) {
-      for (const int64_t e : queries) key_[e] = 0.0;
+      for (const int64_t e : all_queries) key_[e] = 0.0;
       return;
     }
+    // A query with a NaN coordinate (only with validate=false) can still meet
+    // boxes anywhere: box_iou_pair's min/max then pick the other box's
+    // coordinate. Such queries are compared with every key, as on CUDA; the
+    // sweeps take the others.
+    finite_queries_.clear();
+    for (const int64_t e : all_queries) {
+      const T* q = boxes_.data() + 4 * e;
+      if (q[0] == q[0] && q[1] == q[1] && q[2] == q[2] && q[3] == q[3]) {
+        finite_queries_.push_back(e);
+        continue;
+      }
+      T best = T(0);
+      for (const int64_t k : keys) {
+        if (exclude_self && k == e) continue;
+        const T iou = box_iou_pair(q, boxes_.data() + 4 * k);
+        best = iou > best ? iou : best;
+      }
+      key_[e] = static_cast<double>(best);
+    }
+    const std::vector<int64_t>& queries = finite_queries_;
+    if (queries.empty()) return;
     if (!exclude_self && queries.size() >= keys.size()) {
       // Values only, and more queries than keys (negatives against positives):
       // sweep the queries and make one long vectorised pass per key.
@@ -328,6 +349,7 @@ class ImageSampler {
   std::vector<int32_t> best_gt_offset_;
   std::vector<T> key_boxes_;
   std::vector<T> best_;  // key-major overlaps, in the sweep's order
+  std::vector<int64_t> finite_queries_;
   OverlapSweep<T> sweep_;
   std::vector<KeyedCandidate> candidates_;
   std::vector<std::vector<KeyedCandidate>> bins_;

@@ -93,6 +93,22 @@ def test_nan_x1_without_validation_never_crashes():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+def test_nan_query_still_meets_the_positives_it_overlaps():
+    """With validate=False a NaN coordinate is not an error: box_iou_pair's
+    min/max then take the other box's coordinate (as on CUDA), so the negative
+    (NaN, 0, 100, 10) has IoU 600 / 5400 = 0.111 with the positive (0, 0, 60, 100).
+    `hard` with θ = 0.1 must always take it, among 20 far-away negatives."""
+    far = [[200.0 + 10 * i, 0.0, 205.0 + 10 * i, 5.0] for i in range(20)]
+    proposals = torch.tensor([[float("nan"), 0.0, 100.0, 10.0]] + far)
+    gt = torch.tensor([[0.0, 0.0, 60.0, 100.0]])
+    for seed in range(20):
+        result = overlap_sampler.sample(proposals, torch.tensor([0, 21]), gt, torch.tensor([0, 1]),
+                                        batch_size_per_image=4, neg_strategy="hard", hard_thresh=0.1,
+                                        validate=False, generator=torch.Generator().manual_seed(seed))
+        assert result.num_pos.item() == 1 and result.num_neg.item() == 3
+        assert 0 in result.indices[0, 1:].tolist(), seed
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mixed_devices():
     with pytest.raises(ValueError, match="on one device"):
