@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "sampling_math.h"
@@ -65,9 +66,7 @@ class OverlapSweep {
   // operations: min/max and the area sum are exact whatever the order).
   // The swept queries must be NaN-free (see reset).
   void max_into(const T* key, T* best) const {
-    const int64_t first =
-        std::lower_bound(x1_.begin(), x1_.end(), lowest_x1(key[0])) - x1_.begin();
-    const int64_t last = std::lower_bound(x1_.begin() + first, x1_.end(), key[2]) - x1_.begin();
+    const auto [first, last] = candidates(key[0], key[2]);
     const T kx1 = key[0], ky1 = key[1], kx2 = key[2], ky2 = key[3];
     const T k_area = box_area(key);
     const T* x1 = x1_.data();
@@ -77,11 +76,7 @@ class OverlapSweep {
     const T* area = area_.data();
 #pragma omp simd
     for (int64_t r = first; r < last; ++r) {
-      const T w = (x2[r] < kx2 ? x2[r] : kx2) - (x1[r] > kx1 ? x1[r] : kx1);
-      const T h = (y2[r] < ky2 ? y2[r] : ky2) - (y1[r] > ky1 ? y1[r] : ky1);
-      const T inter = (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
-      const T uni = area[r] + k_area - inter;
-      const T iou = uni > T(0) ? inter / uni : T(0);
+      const T iou = box_iou_unpacked(x1[r], y1[r], x2[r], y2[r], area[r], kx1, ky1, kx2, ky2, k_area);
       best[r] = iou > best[r] ? iou : best[r];
     }
   }
@@ -90,9 +85,7 @@ class OverlapSweep {
   // argmax, and without it the loop is branch-free over contiguous arrays, so
   // the compiler vectorises it. Same arithmetic as box_iou_pair(query, key).
   T max_value(const T* q) const {
-    const int64_t first =
-        std::lower_bound(x1_.begin(), x1_.end(), lowest_x1(q[0])) - x1_.begin();
-    const int64_t last = std::lower_bound(x1_.begin() + first, x1_.end(), q[2]) - x1_.begin();
+    const auto [first, last] = candidates(q[0], q[2]);
     const T qx1 = q[0], qy1 = q[1], qx2 = q[2], qy2 = q[3];
     const T q_area = box_area(q);
     const T* x1 = x1_.data();
@@ -101,14 +94,10 @@ class OverlapSweep {
     const T* y2 = y2_.data();
     const T* area = area_.data();
     T best = T(0);
-    // IoUs are never NaN, so a max reduction may be reordered (-fopenmp-simd).
+    // `iou > best` never takes a NaN, so the lanes' maxima combine in any order.
 #pragma omp simd reduction(max : best)
     for (int64_t r = first; r < last; ++r) {
-      const T w = (qx2 < x2[r] ? qx2 : x2[r]) - (qx1 > x1[r] ? qx1 : x1[r]);
-      const T h = (qy2 < y2[r] ? qy2 : y2[r]) - (qy1 > y1[r] ? qy1 : y1[r]);
-      const T inter = (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
-      const T uni = q_area + area[r] - inter;
-      const T iou = uni > T(0) ? inter / uni : T(0);
+      const T iou = box_iou_unpacked(qx1, qy1, qx2, qy2, q_area, x1[r], y1[r], x2[r], y2[r], area[r]);
       best = iou > best ? iou : best;
     }
     return best;
@@ -119,10 +108,8 @@ class OverlapSweep {
   void query(const T* q, int64_t skip_id, T& best, int64_t& best_id) const {
     best = T(0);
     best_id = -1;
-    const auto first = std::lower_bound(x1_.begin(), x1_.end(), lowest_x1(q[0]));
-    const auto last = std::lower_bound(first, x1_.end(), q[2]);
-    for (auto it = first; it != last; ++it) {
-      const int64_t r = it - x1_.begin();
+    const auto [first, last] = candidates(q[0], q[2]);
+    for (int64_t r = first; r < last; ++r) {
       if (sorted_ids_[r] == skip_id) continue;
       const T iou = box_iou_pair(q, sorted_.data() + 4 * r);
       if (iou > T(0)) update_max(iou, sorted_ids_[r], best, best_id);
@@ -135,6 +122,13 @@ class OverlapSweep {
 
  private:
   static T sort_x1(T x1) { return x1 == x1 ? x1 : std::numeric_limits<T>::infinity(); }
+
+  // Sorted positions [first, last) of the boxes whose x-interval can meet [x1, x2).
+  std::pair<int64_t, int64_t> candidates(T x1, T x2) const {
+    const auto first = std::lower_bound(x1_.begin(), x1_.end(), lowest_x1(x1));
+    const auto last = std::lower_bound(first, x1_.end(), x2);
+    return {first - x1_.begin(), last - x1_.begin()};
+  }
 
   // Boxes starting below this cannot meet an interval starting at x: their x2
   // is below x. x - widest would do in exact arithmetic; the margin (far above

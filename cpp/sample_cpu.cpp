@@ -122,14 +122,10 @@ class ImageSampler {
       const T gx1 = gt[0], gy1 = gt[1], gx2 = gt[2], gy2 = gt[3];
       const T g_area = box_area(gt);
       const int32_t offset = static_cast<int32_t>(g - g_begin);
-      // box_iou_pair(proposal, gt), operation for operation.
 #pragma omp simd
       for (int64_t e = 0; e < n; ++e) {
-        const T w = (x2[e] < gx2 ? x2[e] : gx2) - (x1[e] > gx1 ? x1[e] : gx1);
-        const T h = (y2[e] < gy2 ? y2[e] : gy2) - (y1[e] > gy1 ? y1[e] : gy1);
-        const T inter = (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
-        const T uni = area[e] + g_area - inter;
-        const T iou = uni > T(0) ? inter / uni : T(0);
+        // box_iou_pair(proposal, gt).
+        const T iou = box_iou_unpacked(x1[e], y1[e], x2[e], y2[e], area[e], gx1, gy1, gx2, gy2, g_area);
         // Bitwise, not short-circuit: no branch, so the loop vectorises.
         const bool take = (iou > best[e]) | ((iou == best[e]) & (best_gt[e] < 0));
         best[e] = take ? iou : best[e];

@@ -42,17 +42,26 @@ OS_HOST_DEVICE inline T box_area(const T* b) {
   return (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
 }
 
+// The same on unpacked coordinates with the areas given (box_area): the form
+// the CPU's vectorised loops call over one array per coordinate. Which box is
+// `a` matters only for NaN coordinates (a comparison with NaN picks b's side).
 template <typename T>
-OS_HOST_DEVICE inline T box_iou_pair(const T* a, const T* b) {
-  const T left = a[0] > b[0] ? a[0] : b[0];
-  const T top = a[1] > b[1] ? a[1] : b[1];
-  const T right = a[2] < b[2] ? a[2] : b[2];
-  const T bottom = a[3] < b[3] ? a[3] : b[3];
+OS_HOST_DEVICE inline T box_iou_unpacked(T ax1, T ay1, T ax2, T ay2, T a_area, T bx1, T by1, T bx2,
+                                         T by2, T b_area) {
+  const T left = ax1 > bx1 ? ax1 : bx1;
+  const T top = ay1 > by1 ? ay1 : by1;
+  const T right = ax2 < bx2 ? ax2 : bx2;
+  const T bottom = ay2 < by2 ? ay2 : by2;
   const T w = right - left;
   const T h = bottom - top;
   const T inter = (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
-  const T uni = box_area(a) + box_area(b) - inter;
+  const T uni = a_area + b_area - inter;
   return uni > T(0) ? inter / uni : T(0);
+}
+
+template <typename T>
+OS_HOST_DEVICE inline T box_iou_pair(const T* a, const T* b) {
+  return box_iou_unpacked(a[0], a[1], a[2], a[3], box_area(a), b[0], b[1], b[2], b[3], box_area(b));
 }
 
 // Running max with the "lowest index wins ties" rule used for every argmax.
