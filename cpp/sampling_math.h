@@ -42,7 +42,24 @@ OS_HOST_DEVICE inline T box_area(const T* b) {
   return (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
 }
 
-// The same on unpacked coordinates with the areas given (box_area): the form
+// IoU from the intersection and union areas: 0 when the union is not
+// positive (degenerate boxes, NaN or infinite terms).
+template <typename T>
+OS_HOST_DEVICE inline T iou_of_areas(T inter, T uni) {
+  return uni > T(0) ? inter / uni : T(0);
+}
+
+// The same value, but disjoint boxes (inter = +0: most pairs) skip the
+// division, the costliest step, and a zero dividend is a special case of
+// CUDA's IEEE division. The GPU takes this form; the CPU's vectorised loops
+// compute every lane anyway, and there the extra test cost 18%. `&`, not `&&`:
+// no short-circuit branch. Equality of the two: BoxIou.SparseFormChangesNoBit.
+template <typename T>
+OS_HOST_DEVICE inline T iou_of_areas_sparse(T inter, T uni) {
+  return (inter > T(0)) & (uni > T(0)) ? inter / uni : T(0);
+}
+
+// The IoU on unpacked coordinates with the areas given (box_area): the form
 // the CPU's vectorised loops call over one array per coordinate. Which box is
 // `a` matters only for NaN coordinates (a comparison with NaN picks b's side).
 template <typename T>
@@ -56,7 +73,11 @@ OS_HOST_DEVICE inline T box_iou_unpacked(T ax1, T ay1, T ax2, T ay2, T a_area, T
   const T h = bottom - top;
   const T inter = (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
   const T uni = a_area + b_area - inter;
-  return uni > T(0) ? inter / uni : T(0);
+#if defined(__CUDA_ARCH__)
+  return iou_of_areas_sparse(inter, uni);
+#else
+  return iou_of_areas(inter, uni);
+#endif
 }
 
 template <typename T>

@@ -350,6 +350,24 @@ __device__ __forceinline__ T box_iou(const T* a, const T* b) {
   return box_iou_pair(x, y).v;
 }
 
+// box_area of an acc_t box, rounded exactly as on the CPU. (Not named
+// box_area: argument-dependent lookup would make the shared one ambiguous.)
+template <typename T>
+__device__ __forceinline__ T area_of(const T* b) {
+  const Unfused<T> x[4] = {b[0], b[1], b[2], b[3]};
+  return overlap_sampler::box_area(x).v;
+}
+
+// box_iou(a, b) with both areas (gpu::area_of) computed once beforehand: the
+// same value, for inner loops that meet each box many times.
+template <typename T>
+__device__ __forceinline__ T box_iou(const T* a, T a_area, const T* b, T b_area) {
+  using U = Unfused<T>;
+  return box_iou_unpacked(U(a[0]), U(a[1]), U(a[2]), U(a[3]), U(a_area), U(b[0]), U(b[1]),
+                          U(b[2]), U(b[3]), U(b_area))
+      .v;
+}
+
 // Binary search: the largest b in [0, count) with start(b) <= i, for
 // non-decreasing starts (empty items share a start with their successor).
 template <typename Start>

@@ -174,9 +174,14 @@ __global__ void __launch_bounds__(kThreads)
     overlap_key_kernel(ImageLayout layout, int64_t num_examples, const acc_t* __restrict__ boxes,
                        const int8_t* __restrict__ label, bool negative_keys, bool positive_keys,
                        bool positive_key_all, double* __restrict__ overlap_key) {
+  // The tile in example order (for kOverAllOthers), and its positives and
+  // negatives compacted, each box with its area: the inner loops read one
+  // box and one area per pair, with no indirection.
   __shared__ acc_t tile_box[kThreads][4];
-  __shared__ int tile_members[2][kThreads];  // slots of the tile's positives / negatives
-  __shared__ int tile_counts[2];
+  __shared__ acc_t tile_area[kThreads];
+  __shared__ acc_t class_box[2][kThreads][4];
+  __shared__ acc_t class_area[2][kThreads];
+  __shared__ int class_size[2];
 
   const int64_t tile_stride = static_cast<int64_t>(gridDim.y) * kThreads;
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads; first < num_examples;
@@ -199,6 +204,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < 4; ++k) box[k] = boxes[4 * x + k];
     }
+    const acc_t area = gpu::area_of(box);
     acc_t best = acc_t(0);  // "0 if none", as the CPU's sweep
     for (int64_t b = b_first; b <= b_last; ++b) {
       const bool mine = over != kOverNothing && my_image == b;
@@ -207,14 +213,24 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t x0 = layout.start(b);
       const int64_t x1 = layout.start(b + 1);
       for (int64_t t0 = x0 + static_cast<int64_t>(blockIdx.y) * kThreads; t0 < x1; t0 += tile_stride) {
-        if (threadIdx.x < 2) tile_counts[threadIdx.x] = 0;
+        if (threadIdx.x < 2) class_size[threadIdx.x] = 0;
         __syncthreads();
         const int64_t y = t0 + threadIdx.x;
         if (y < x1) {
+          acc_t key_box[4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) tile_box[threadIdx.x][k] = boxes[4 * y + k];
+          for (int k = 0; k < 4; ++k) key_box[k] = boxes[4 * y + k];
+          const acc_t key_area = gpu::area_of(key_box);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) tile_box[threadIdx.x][k] = key_box[k];
+          tile_area[threadIdx.x] = key_area;
           const int c = class_of(label[y]);
-          if (c >= 0) tile_members[c][atomicAdd(&tile_counts[c], 1)] = threadIdx.x;
+          if (c >= 0) {
+            const int slot = atomicAdd(&class_size[c], 1);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) class_box[c][slot][k] = key_box[k];
+            class_area[c][slot] = key_area;
+          }
         }
         __syncthreads();
         if (mine) {
@@ -222,14 +238,14 @@ __global__ void __launch_bounds__(kThreads)
             const int count = x1 - t0 < kThreads ? static_cast<int>(x1 - t0) : kThreads;
             for (int s = 0; s < count; ++s) {
               if (t0 + s == x) continue;  // itself excluded
-              const acc_t iou = gpu::box_iou(box, tile_box[s]);
+              const acc_t iou = gpu::box_iou(box, area, tile_box[s], tile_area[s]);
               best = iou > best ? iou : best;
             }
           } else {
             const int c = over == kOverPositives ? kPos : kNeg;
-            const int count = tile_counts[c];
+            const int count = class_size[c];
             for (int s = 0; s < count; ++s) {
-              const acc_t iou = gpu::box_iou(box, tile_box[tile_members[c][s]]);
+              const acc_t iou = gpu::box_iou(box, area, class_box[c][s], class_area[c][s]);
               best = iou > best ? iou : best;
             }
           }

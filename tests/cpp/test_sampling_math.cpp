@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -28,6 +30,49 @@ TEST(BoxIou, DegenerateBoxesGiveZeroNotNan) {
   EXPECT_EQ(os::box_iou_pair(point, line), 0.0);
   const double inverted[4] = {10, 10, 0, 0};
   EXPECT_EQ(os::box_area(inverted), 0.0);
+}
+
+// The GPU's iou_of_areas_sparse skips the division for disjoint boxes; its
+// value must be, bit for bit, the CPU's iou_of_areas (inter / union, 0 for a
+// union <= 0 or NaN), whatever the boxes: infinite, NaN, zero-sized or tiny
+// coordinates included.
+TEST(BoxIou, SparseFormChangesNoBit) {
+  const float inf = INFINITY;
+  const float values[] = {0.0f, -0.0f, 1e-30f, 1e-20f, 0.5f, 1.0f, 3.0f, 1e20f, inf, -inf, NAN};
+  std::mt19937 rng(0);
+  std::uniform_int_distribution<int> pick(0, sizeof(values) / sizeof(values[0]) - 1);
+  std::uniform_real_distribution<float> corner(0.0f, 4.0f);
+  std::uniform_real_distribution<float> side(0.0f, 3.0f);
+  std::uniform_int_distribution<int> which(0, 7);
+  int divided = 0;
+  for (int trial = 0; trial < 200000; ++trial) {
+    float box[8];  // a then b: well-formed boxes, then one coordinate special
+    for (float* c : {box, box + 4}) {
+      c[0] = corner(rng);
+      c[1] = corner(rng);
+      c[2] = c[0] + side(rng);
+      c[3] = c[1] + side(rng);
+    }
+    if (trial % 2) box[which(rng)] = values[pick(rng)];
+    const float* a = box;
+    const float* b = box + 4;
+    // The kernels' intersection (a comparison with NaN takes b's side).
+    const float w = (a[2] < b[2] ? a[2] : b[2]) - (a[0] > b[0] ? a[0] : b[0]);
+    const float h = (a[3] < b[3] ? a[3] : b[3]) - (a[1] > b[1] ? a[1] : b[1]);
+    const float inter = (w > 0 ? w : 0.0f) * (h > 0 ? h : 0.0f);
+    const float uni = os::box_area(a) + os::box_area(b) - inter;
+    const float dense = os::iou_of_areas(inter, uni);
+    const float sparse = os::iou_of_areas_sparse(inter, uni);
+    ASSERT_FALSE(std::isnan(dense)) << "trial " << trial;
+    uint32_t dense_bits, sparse_bits;
+    std::memcpy(&dense_bits, &dense, 4);
+    std::memcpy(&sparse_bits, &sparse, 4);
+    ASSERT_EQ(sparse_bits, dense_bits) << "trial " << trial << ": " << inter << " / " << uni;
+    ASSERT_EQ(os::box_iou_pair(a, b), dense) << "trial " << trial;
+    divided += inter > 0 && uni > 0;
+  }
+  EXPECT_GT(divided, 20000);  // both sides of the test were exercised
+  EXPECT_LT(divided, 180000);
 }
 
 TEST(UpdateMax, LowestIndexWinsTies) {
