@@ -297,6 +297,10 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
   __shared__ long long count_scratch[gpu::kWarps];
   __shared__ double key_scratch[gpu::kWarps];
   __shared__ unsigned long long scan_scratch[gpu::kWarps];
+  // Water-filling's per-bin arrays (thread 0): in shared memory, not a 1 KB
+  // stack frame in local memory.
+  __shared__ int64_t fill_count[kMaxBins];
+  __shared__ int64_t fill_take[kMaxBins];
 
   const int K = p.num_bins;
   for (int64_t b = blockIdx.x; b < layout.num_images; b += gridDim.x) {
@@ -405,14 +409,14 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
     if (threadIdx.x == 0) {
       for (int c = 0; c < 2; ++c) {
         if (quota_bins[c]) {
-          int64_t counts[kMaxBins];
-          int64_t take[kMaxBins];
           for (int k = 0; k < K; ++k) {
-            counts[k] = binned[c] ? static_cast<int64_t>(bin_count[c * kMaxBins + k]) : 0;
-            take[k] = 0;
+            fill_count[k] = binned[c] ? static_cast<int64_t>(bin_count[c * kMaxBins + k]) : 0;
+            fill_take[k] = 0;
           }
-          if (quota[c] > 0) water_fill(counts, K, quota[c], take);
-          for (int k = 0; k < K; ++k) gpu::topk_init(state, seg_base[c] + k, take[k], counts[k]);
+          if (quota[c] > 0) water_fill(fill_count, K, quota[c], fill_take);
+          for (int k = 0; k < K; ++k) {
+            gpu::topk_init(state, seg_base[c] + k, fill_take[k], fill_count[k]);
+          }
         } else {
           gpu::topk_init(state, seg_base[c], quota[c], class_count[c]);
         }

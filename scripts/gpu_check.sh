@@ -1,29 +1,41 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a lent GPU machine whose python3 already has torch,
 # torchvision, pybind11, cmake and pytest: build against that torch (sm_90 only),
-# benchmark, then the CUDA tests and compute-sanitizer (memcheck, racecheck) side by
-# side. Logs and benchmark results go to $OUT (default /tmp/gpu_check).
+# benchmark, profile the kernels with Nsight Compute where it is installed, then the
+# CUDA tests and compute-sanitizer (memcheck, racecheck) side by side. Logs and
+# benchmark results go to $OUT (default /tmp/gpu_check): 8 files at most, the
+# device tool's limit on what comes back.
 #     OUT=/tmp/out bash scripts/gpu_check.sh
-# VARIANT_THREADS=1024 also builds the kernels with that many threads per block,
-# checks them against the CPU and benchmarks them after the default build.
+# A variant is built, checked against the CPU and benchmarked after the default build:
+#   VARIANT_THREADS=1024   the same sources with that many threads per block;
+#   VARIANT_SRC=dir        another source tree, for a before/after comparison in one
+#                          run: here `mkdir -p build/baseline && git archive COMMIT |
+#                          tar -x -C build/baseline`, then the device run carries
+#                          build/baseline and sets VARIANT_SRC=build/baseline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 PY=${PYTHON:-python3}
 ARCHS=${ARCHS:-90}
 VARIANT_THREADS=${VARIANT_THREADS:-}
+VARIANT_SRC=${VARIANT_SRC:-}
+VARIANT_FLAGS=""
+[ -n "$VARIANT_THREADS" ] && VARIANT_FLAGS="-DOVERLAP_SAMPLER_CUDA_THREADS=$VARIANT_THREADS"
+VARIANT_NAME=${VARIANT_SRC:+$(basename "$VARIANT_SRC")}${VARIANT_THREADS:+-threads$VARIANT_THREADS}
+VARIANT_NAME=${VARIANT_NAME#-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stamp() { echo "== $* ($(date +%T))"; }
 
-# build DIR PACKAGE_DIR [extra CUDA flags]: the op library and _C, copied into PACKAGE_DIR.
+# build SOURCE DIR PACKAGE_DIR [extra CUDA flags]: the op library and _C of SOURCE,
+# copied into PACKAGE_DIR.
 build() {
   local generator=(); command -v ninja >/dev/null && generator=(-G Ninja)
-  cmake -S . -B "$1" "${generator[@]}" -DPython_EXECUTABLE="$(command -v "$PY")" \
+  cmake -S "$1" -B "$2" "${generator[@]}" -DPython_EXECUTABLE="$(command -v "$PY")" \
     -DCMAKE_CUDA_COMPILER="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" \
     -DOVERLAP_SAMPLER_CUDA=ON -DOVERLAP_SAMPLER_CUDA_ARCHITECTURES="$ARCHS" \
-    -DCMAKE_CUDA_FLAGS="-Xptxas -v ${3:-}" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" &&
-  cmake --build "$1" -j "$(nproc)" && cp "$1"/*.so "$2"/
+    -DCMAKE_CUDA_FLAGS="-Xptxas -v ${4:-}" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" &&
+  cmake --build "$2" -j "$(nproc)" && cp "$2"/*.so "$3"/
 }
 
 (
@@ -33,12 +45,13 @@ build() {
 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
   nvcc --version | tail -2
   stamp build
-  if [ -n "$VARIANT_THREADS" ]; then
-    rm -rf build/variant-python && mkdir -p build/variant-python && cp -r python/overlap_sampler build/variant-python/
-    build build/gpu-variant build/variant-python/overlap_sampler "-DOVERLAP_SAMPLER_CUDA_THREADS=$VARIANT_THREADS" \
+  if [ -n "$VARIANT_NAME" ]; then
+    rm -rf build/variant-python && mkdir -p build/variant-python &&
+      cp -r "${VARIANT_SRC:-.}"/python/overlap_sampler build/variant-python/
+    build "${VARIANT_SRC:-.}" build/gpu-variant build/variant-python/overlap_sampler "$VARIANT_FLAGS" \
       > build/variant.log 2>&1 &
   fi
-  build build/gpu python/overlap_sampler
+  build . build/gpu python/overlap_sampler
   default_rc=$?
   wait
   cat build/variant.log 2>/dev/null
@@ -53,13 +66,26 @@ stamp built
 PYTHONPATH=$PWD/python timeout 240 "$PY" benchmarks/bench_ops.py --device cuda --repeats 20 --out "$OUT" \
   > "$OUT/bench.log" 2>&1
 echo "benchmark rc=$?"
-if [ -n "$VARIANT_THREADS" ]; then
+if [ -n "$VARIANT_NAME" ]; then
   PYTHONPATH=$PWD/build/variant-python timeout 120 "$PY" benchmarks/bench_ops.py --device cuda --repeats 20 \
     --out build/variant-bench >> "$OUT/bench.log" 2>&1
-  echo "variant benchmark rc=$?"
-  cp build/variant-bench/*.md "$OUT/variant-threads$VARIANT_THREADS.md"
+  echo "variant ($VARIANT_NAME) benchmark rc=$?"
+  cp build/variant-bench/*.md "$OUT/variant-$VARIANT_NAME.md"
 fi
 stamp benchmarked
+
+# Why the kernels take what they take (stall reasons, occupancy), when Nsight
+# Compute is there: one sample call of the main case.
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  PYTHONPATH=$PWD/python timeout 180 "$NCU" -k regex:'(match|overlap_key|select)_kernel' \
+    --launch-skip 9 --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats "$PY" scripts/profile_sample.py > "$OUT/ncu.txt" 2>&1
+  echo "ncu rc=$?"
+  stamp profiled
+else
+  echo "ncu not found: no kernel profile"
+fi
 
 # The rest in parallel: correctness does not care about sharing the GPU.
 export PYTHONPATH=$PWD/python
@@ -74,9 +100,9 @@ sanitize() {
 }
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize memcheck &
 sanitize racecheck &
-if [ -n "$VARIANT_THREADS" ]; then
+if [ -n "$VARIANT_NAME" ]; then
   PYTHONPATH=$PWD/build/variant-python "$PY" scripts/cuda_sanitizer_driver.py > build/variant-check.log 2>&1
-  echo "variant ($VARIANT_THREADS threads) check against the CPU rc=$?" >> build/variant-check.log
+  echo "variant ($VARIANT_NAME) check against the CPU rc=$?" >> build/variant-check.log
 fi
 wait $pytest_pid; echo "pytest rc=$?"
 wait

@@ -1,0 +1,62 @@
+"""One `sample` call of the benchmark's main case, for a kernel profiler:
+
+    ncu -k regex:'(match|overlap_key|select)_kernel' --launch-skip 9 --launch-count 3 \
+        python scripts/profile_sample.py
+
+The batch is bench_ops.py's main case (B=16, 2000 proposals and 20 GT per image,
+a third of them crowded, soft negatives, 512 per image). Three warm-up calls
+come first (hence --launch-skip 9: three kernels each), then PROFILED_CALLS calls.
+Prints the pair counts that set the overlap-key kernel's work.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import overlap_sampler
+from overlap_sampler.testing import make_batch
+
+WARMUP_CALLS = 3
+PROFILED_CALLS = 1
+
+
+def overlap_pairs(batch) -> tuple[int, int]:
+    """The work of IoU_p,n: negatives x positives of the same image (GT copies
+    are positives), and how many of those pairs overlap at all (the others skip
+    the division)."""
+    proposals, proposal_splits, gt_boxes, gt_splits = batch
+    pairs = overlapping = 0
+    for b in range(len(proposal_splits) - 1):
+        boxes = proposals[proposal_splits[b]:proposal_splits[b + 1]]
+        gts = gt_boxes[gt_splits[b]:gt_splits[b + 1]]
+        iou_gt = overlap_sampler.box_iou(boxes, gts).amax(dim=1)
+        positives = torch.cat([boxes[iou_gt >= 0.5], gts])
+        negatives = boxes[iou_gt < 0.5]
+        iou = overlap_sampler.box_iou(negatives, positives)
+        pairs += iou.numel()
+        overlapping += int((iou > 0).sum())
+    return pairs, overlapping
+
+
+def main() -> int:
+    if not (torch.cuda.is_available() and overlap_sampler.build_info["cuda"]):
+        print("needs a GPU and a CUDA build")
+        return 1
+    batch = make_batch([2000] * 16, [20] * 16, seed=0, device=torch.device("cuda"),
+                       crowded_fraction=1 / 3, canvas=1000.0)
+    generator = torch.Generator("cuda").manual_seed(0)
+    options = dict(batch_size_per_image=512, positive_fraction=0.25, neg_strategy="soft",
+                   num_bins=2, validate=False)
+    for _ in range(WARMUP_CALLS + PROFILED_CALLS):
+        overlap_sampler.sample(*batch, generator=generator, **options)
+    torch.cuda.synchronize()
+
+    pairs, overlapping = overlap_pairs(batch)
+    print(f"IoU_p,n pairs {pairs}, of which overlapping {overlapping} ({overlapping / max(pairs, 1):.1%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
