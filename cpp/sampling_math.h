@@ -42,27 +42,25 @@ OS_HOST_DEVICE inline T box_area(const T* b) {
   return (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
 }
 
-// IoU from the intersection and union areas: 0 when the union is not
-// positive (degenerate boxes, NaN or infinite terms).
-template <typename T>
-OS_HOST_DEVICE inline T iou_of_areas(T inter, T uni) {
-  return uni > T(0) ? inter / uni : T(0);
-}
-
-// The same value, but disjoint boxes (inter = +0: most pairs) skip the
-// division, the costliest step, and a zero dividend is a special case of
-// CUDA's IEEE division. The GPU takes this form; the CPU's vectorised loops
-// compute every lane anyway, and there the extra test cost 18%. `&`, not `&&`:
-// no short-circuit branch. Equality of the two: BoxIou.SparseFormChangesNoBit.
-template <typename T>
-OS_HOST_DEVICE inline T iou_of_areas_sparse(T inter, T uni) {
-  return (inter > T(0)) & (uni > T(0)) ? inter / uni : T(0);
-}
+// How box_iou_unpacked turns intersection and union into the IoU. Dense:
+// inter / uni, 0 when the union is not positive (degenerate boxes, NaN or
+// infinite terms). Sparse: the same value, but disjoint boxes (inter = +0,
+// most pairs) skip the division, the costliest step, and a zero dividend is a
+// special case of CUDA's IEEE division. The two agree bit for bit on every
+// (inter, uni) the formula can produce: inter is +0, positive, +inf or NaN
+// (an infinite side times 0), never -0, and uni is NaN whenever inter is.
+// The GPU takes the sparse form; the CPU's vectorised loops compute every lane
+// anyway, and there the extra test cost 18%. Test: BoxIou.SparseFormChangesNoBit.
+#if defined(__CUDA_ARCH__)
+constexpr bool kSparseIou = true;
+#else
+constexpr bool kSparseIou = false;
+#endif
 
 // The IoU on unpacked coordinates with the areas given (box_area): the form
 // the CPU's vectorised loops call over one array per coordinate. Which box is
 // `a` matters only for NaN coordinates (a comparison with NaN picks b's side).
-template <typename T>
+template <typename T, bool kSparse = kSparseIou>
 OS_HOST_DEVICE inline T box_iou_unpacked(T ax1, T ay1, T ax2, T ay2, T a_area, T bx1, T by1, T bx2,
                                          T by2, T b_area) {
   const T left = ax1 > bx1 ? ax1 : bx1;
@@ -73,11 +71,11 @@ OS_HOST_DEVICE inline T box_iou_unpacked(T ax1, T ay1, T ax2, T ay2, T a_area, T
   const T h = bottom - top;
   const T inter = (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
   const T uni = a_area + b_area - inter;
-#if defined(__CUDA_ARCH__)
-  return iou_of_areas_sparse(inter, uni);
-#else
-  return iou_of_areas(inter, uni);
-#endif
+  if (kSparse) {
+    // `&`, not `&&`: no short-circuit branch.
+    return (inter > T(0)) & (uni > T(0)) ? inter / uni : T(0);
+  }
+  return uni > T(0) ? inter / uni : T(0);
 }
 
 template <typename T>

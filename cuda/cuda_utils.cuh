@@ -338,18 +338,6 @@ struct Unfused {
   __device__ friend bool operator<(Unfused a, Unfused b) { return a.v < b.v; }
 };
 
-// box_iou_pair(a, b) of two acc_t boxes, rounded exactly as on the CPU.
-template <typename T>
-__device__ __forceinline__ T box_iou(const T* a, const T* b) {
-  Unfused<T> x[4], y[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    x[k] = a[k];
-    y[k] = b[k];
-  }
-  return box_iou_pair(x, y).v;
-}
-
 // box_area of an acc_t box, rounded exactly as on the CPU. (Not named
 // box_area: argument-dependent lookup would make the shared one ambiguous.)
 template <typename T>
@@ -358,14 +346,20 @@ __device__ __forceinline__ T area_of(const T* b) {
   return overlap_sampler::box_area(x).v;
 }
 
-// box_iou(a, b) with both areas (gpu::area_of) computed once beforehand: the
-// same value, for inner loops that meet each box many times.
+// box_iou_pair(a, b) of two acc_t boxes with their areas (area_of), rounded
+// exactly as on the CPU: the one IoU of every CUDA kernel. Inner loops that
+// meet each box many times compute the areas once.
 template <typename T>
 __device__ __forceinline__ T box_iou(const T* a, T a_area, const T* b, T b_area) {
   using U = Unfused<T>;
   return box_iou_unpacked(U(a[0]), U(a[1]), U(a[2]), U(a[3]), U(a_area), U(b[0]), U(b[1]),
                           U(b[2]), U(b[3]), U(b_area))
       .v;
+}
+
+template <typename T>
+__device__ __forceinline__ T box_iou(const T* a, const T* b) {
+  return box_iou(a, area_of(a), b, area_of(b));
 }
 
 // Binary search: the largest b in [0, count) with start(b) <= i, for

@@ -174,14 +174,19 @@ __global__ void __launch_bounds__(kThreads)
     overlap_key_kernel(ImageLayout layout, int64_t num_examples, const acc_t* __restrict__ boxes,
                        const int8_t* __restrict__ label, bool negative_keys, bool positive_keys,
                        bool positive_key_all, double* __restrict__ overlap_key) {
-  // The tile in example order (for kOverAllOthers), and its positives and
-  // negatives compacted, each box with its area: the inner loops read one
-  // box and one area per pair, with no indirection.
+  // One tile, partitioned by class: positives at [0, P), negatives at
+  // [P, P + N), ignored after (ranks from one block scan, so the order is
+  // deterministic). Each box with its area, and its slot in the tile for the
+  // self-exclusion of kOverAllOthers: the inner loops read a box and an area
+  // per pair, with no indirection. 5 values and an int per thread: 44 KB at
+  // 1024 threads in double, under the 48 KB of static shared memory.
   __shared__ acc_t tile_box[kThreads][4];
   __shared__ acc_t tile_area[kThreads];
-  __shared__ acc_t class_box[2][kThreads][4];
-  __shared__ acc_t class_area[2][kThreads];
-  __shared__ int class_size[2];
+  __shared__ int tile_slot[kThreads];
+  __shared__ unsigned long long scan_scratch[gpu::kWarps];
+  static_assert(kThreads * (5 * sizeof(acc_t) + sizeof(int)) +
+                        gpu::kWarps * sizeof(unsigned long long) <= 48 * 1024,
+                "overlap_key_kernel's tile exceeds static shared memory");
 
   const int64_t tile_stride = static_cast<int64_t>(gridDim.y) * kThreads;
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads; first < num_examples;
@@ -213,39 +218,50 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t x0 = layout.start(b);
       const int64_t x1 = layout.start(b + 1);
       for (int64_t t0 = x0 + static_cast<int64_t>(blockIdx.y) * kThreads; t0 < x1; t0 += tile_stride) {
-        if (threadIdx.x < 2) class_size[threadIdx.x] = 0;
-        __syncthreads();
-        const int64_t y = t0 + threadIdx.x;
-        if (y < x1) {
+        const int t = static_cast<int>(threadIdx.x);
+        const int64_t y = t0 + t;
+        const int count = x1 - t0 < kThreads ? static_cast<int>(x1 - t0) : kThreads;
+        const int c = t < count ? class_of(label[y]) : -1;
+        unsigned long long totals;
+        const unsigned long long ranks = gpu::block_exclusive_sum(
+            (c == kPos ? 1ull : 0ull) | (c == kNeg ? (1ull << 32) : 0ull), scan_scratch, &totals);
+        const int num_pos = static_cast<int>(totals & 0xffffffffull);
+        const int num_neg = static_cast<int>(totals >> 32);
+        if (t < count) {
+          // Valid threads are a prefix, so t counts every class before it.
+          const int pos_rank = static_cast<int>(ranks & 0xffffffffull);
+          const int neg_rank = static_cast<int>(ranks >> 32);
+          const int slot = c == kPos   ? pos_rank
+                           : c == kNeg ? num_pos + neg_rank
+                                       : num_pos + num_neg +
+                                             (t - pos_rank - neg_rank);
           acc_t key_box[4];
 #pragma unroll
           for (int k = 0; k < 4; ++k) key_box[k] = boxes[4 * y + k];
-          const acc_t key_area = gpu::area_of(key_box);
 #pragma unroll
-          for (int k = 0; k < 4; ++k) tile_box[threadIdx.x][k] = key_box[k];
-          tile_area[threadIdx.x] = key_area;
-          const int c = class_of(label[y]);
-          if (c >= 0) {
-            const int slot = atomicAdd(&class_size[c], 1);
-#pragma unroll
-            for (int k = 0; k < 4; ++k) class_box[c][slot][k] = key_box[k];
-            class_area[c][slot] = key_area;
-          }
+          for (int k = 0; k < 4; ++k) tile_box[slot][k] = key_box[k];
+          tile_area[slot] = gpu::area_of(key_box);
+          tile_slot[slot] = t;
         }
         __syncthreads();
         if (mine) {
-          if (over == kOverAllOthers) {
-            const int count = x1 - t0 < kThreads ? static_cast<int>(x1 - t0) : kThreads;
-            for (int s = 0; s < count; ++s) {
-              if (t0 + s == x) continue;  // itself excluded
+          // kOverAllOthers: the whole tile but itself; else one class's range.
+          const int lo = over == kOverNegatives ? num_pos : 0;
+          const int hi = over == kOverAllOthers ? count
+                         : over == kOverPositives ? num_pos
+                                                  : num_pos + num_neg;
+          const int self = over == kOverAllOthers && x >= t0 && x < t0 + count
+                               ? static_cast<int>(x - t0)
+                               : -1;
+          if (self >= 0) {
+            for (int s = lo; s < hi; ++s) {
+              if (tile_slot[s] == self) continue;  // itself excluded
               const acc_t iou = gpu::box_iou(box, area, tile_box[s], tile_area[s]);
               best = iou > best ? iou : best;
             }
           } else {
-            const int c = over == kOverPositives ? kPos : kNeg;
-            const int count = class_size[c];
-            for (int s = 0; s < count; ++s) {
-              const acc_t iou = gpu::box_iou(box, area, class_box[c][s], class_area[c][s]);
+            for (int s = lo; s < hi; ++s) {
+              const acc_t iou = gpu::box_iou(box, area, tile_box[s], tile_area[s]);
               best = iou > best ? iou : best;
             }
           }

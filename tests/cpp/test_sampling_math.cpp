@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -32,47 +33,52 @@ TEST(BoxIou, DegenerateBoxesGiveZeroNotNan) {
   EXPECT_EQ(os::box_area(inverted), 0.0);
 }
 
-// The GPU's iou_of_areas_sparse skips the division for disjoint boxes; its
-// value must be, bit for bit, the CPU's iou_of_areas (inter / union, 0 for a
-// union <= 0 or NaN), whatever the boxes: infinite, NaN, zero-sized or tiny
-// coordinates included.
-TEST(BoxIou, SparseFormChangesNoBit) {
-  const float inf = INFINITY;
-  const float values[] = {0.0f, -0.0f, 1e-30f, 1e-20f, 0.5f, 1.0f, 3.0f, 1e20f, inf, -inf, NAN};
-  std::mt19937 rng(0);
-  std::uniform_int_distribution<int> pick(0, sizeof(values) / sizeof(values[0]) - 1);
-  std::uniform_real_distribution<float> corner(0.0f, 4.0f);
-  std::uniform_real_distribution<float> side(0.0f, 3.0f);
-  std::uniform_int_distribution<int> which(0, 7);
-  int divided = 0;
-  for (int trial = 0; trial < 200000; ++trial) {
-    float box[8];  // a then b: well-formed boxes, then one coordinate special
-    for (float* c : {box, box + 4}) {
-      c[0] = corner(rng);
-      c[1] = corner(rng);
-      c[2] = c[0] + side(rng);
-      c[3] = c[1] + side(rng);
+// The GPU's sparse IoU (no division for disjoint boxes) must equal the CPU's
+// dense one bit for bit: every combination of 9 values for all 8 coordinates
+// (43M pairs per type), which reaches subnormal, infinite and NaN
+// intersections, -0 and +0, empty, partial and full overlaps.
+template <typename T>
+void expect_sparse_equals_dense() {
+  const T inf = std::numeric_limits<T>::infinity();
+  const T values[] = {-inf, T(-1), T(-0.0), T(0), std::numeric_limits<T>::denorm_min(),
+                      T(1), std::numeric_limits<T>::max(), inf, std::numeric_limits<T>::quiet_NaN()};
+  constexpr int kValues = sizeof(values) / sizeof(values[0]);
+  int64_t divided = 0, subnormal_inter = 0, nan_inter = 0, infinite_inter = 0, mismatches = 0;
+  int index[8] = {0};
+  for (;;) {
+    T a[4], b[4];
+    for (int k = 0; k < 4; ++k) {
+      a[k] = values[index[k]];
+      b[k] = values[index[4 + k]];
     }
-    if (trial % 2) box[which(rng)] = values[pick(rng)];
-    const float* a = box;
-    const float* b = box + 4;
-    // The kernels' intersection (a comparison with NaN takes b's side).
-    const float w = (a[2] < b[2] ? a[2] : b[2]) - (a[0] > b[0] ? a[0] : b[0]);
-    const float h = (a[3] < b[3] ? a[3] : b[3]) - (a[1] > b[1] ? a[1] : b[1]);
-    const float inter = (w > 0 ? w : 0.0f) * (h > 0 ? h : 0.0f);
-    const float uni = os::box_area(a) + os::box_area(b) - inter;
-    const float dense = os::iou_of_areas(inter, uni);
-    const float sparse = os::iou_of_areas_sparse(inter, uni);
-    ASSERT_FALSE(std::isnan(dense)) << "trial " << trial;
-    uint32_t dense_bits, sparse_bits;
-    std::memcpy(&dense_bits, &dense, 4);
-    std::memcpy(&sparse_bits, &sparse, 4);
-    ASSERT_EQ(sparse_bits, dense_bits) << "trial " << trial << ": " << inter << " / " << uni;
-    ASSERT_EQ(os::box_iou_pair(a, b), dense) << "trial " << trial;
-    divided += inter > 0 && uni > 0;
+    const T a_area = os::box_area(a), b_area = os::box_area(b);
+    const T dense = os::box_iou_unpacked<T, false>(a[0], a[1], a[2], a[3], a_area, b[0], b[1], b[2],
+                                                   b[3], b_area);
+    const T sparse = os::box_iou_unpacked<T, true>(a[0], a[1], a[2], a[3], a_area, b[0], b[1], b[2],
+                                                   b[3], b_area);
+    mismatches += std::memcmp(&dense, &sparse, sizeof(T)) != 0;
+    // What the cases reached (the intersection as the formula computes it).
+    const T w = (a[2] < b[2] ? a[2] : b[2]) - (a[0] > b[0] ? a[0] : b[0]);
+    const T h = (a[3] < b[3] ? a[3] : b[3]) - (a[1] > b[1] ? a[1] : b[1]);
+    const T inter = (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
+    divided += dense > T(0);
+    subnormal_inter += std::fpclassify(inter) == FP_SUBNORMAL;
+    nan_inter += std::isnan(inter);
+    infinite_inter += std::isinf(inter);
+    int k = 0;
+    while (k < 8 && ++index[k] == kValues) index[k++] = 0;
+    if (k == 8) break;
   }
-  EXPECT_GT(divided, 20000);  // both sides of the test were exercised
-  EXPECT_LT(divided, 180000);
+  EXPECT_EQ(mismatches, 0);
+  EXPECT_GT(divided, 0);
+  EXPECT_GT(subnormal_inter, 0);
+  EXPECT_GT(nan_inter, 0);
+  EXPECT_GT(infinite_inter, 0);
+}
+
+TEST(BoxIou, SparseFormChangesNoBit) {
+  expect_sparse_equals_dense<float>();
+  expect_sparse_equals_dense<double>();
 }
 
 TEST(UpdateMax, LowestIndexWinsTies) {
