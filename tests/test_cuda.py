@@ -25,6 +25,25 @@ def test_cuda_equals_cpu_for_the_same_uniforms(neg_strategy):
         assert torch.equal(a, b.cpu())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_iou_bits_equal_cpu_on_extreme_coordinates(dtype):
+    """Every CUDA kernel's IoU skips the division for disjoint boxes (the CPU
+    divides always): the bits must still be the CPU's, for every box whose
+    coordinates come from -max, -1, -0, +0, the smallest subnormal, 1 and max
+    (7^4 boxes, all pairs). box_iou takes only finite boxes; these still
+    overflow to infinite widths and areas and to NaN (inf * 0) intersections."""
+    info = torch.finfo(dtype)
+    values = torch.tensor([-info.max, -1.0, -0.0, 0.0, info.smallest_normal * info.eps, 1.0, info.max],
+                          dtype=dtype)
+    boxes = torch.cartesian_prod(values, values, values, values)
+    cpu = overlap_sampler.box_iou(boxes, boxes)
+    gpu = overlap_sampler.box_iou(boxes.cuda(), boxes.cuda()).cpu()
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    assert not cpu.isnan().any()
+    assert ((cpu > 0) & (cpu < 1)).any()  # partial overlaps reach the division
+    assert torch.equal(gpu.view(bits), cpu.view(bits))
+
+
 def test_large_images_take_the_same_path_results():
     """Images beyond shared memory (100k proposals) still match the CPU."""
     batch = make_batch([100_000, 3000], [40, 3], seed=2, canvas=2000.0)
