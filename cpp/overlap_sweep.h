@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "sampling_math.h"
+#include "vector_clones.h"
 
 namespace overlap_sampler {
 
@@ -65,7 +66,7 @@ class OverlapSweep {
   // exact, so any key order gives max_value's results, bit for bit (same
   // operations: min/max and the area sum are exact whatever the order).
   // The swept queries must be NaN-free (see reset).
-  void max_into(const T* key, T* best) const {
+  OS_VECTOR_CLONES void max_into(const T* key, T* best) const {
     const auto [first, last] = candidates(key[0], key[2]);
     const T kx1 = key[0], ky1 = key[1], kx2 = key[2], ky2 = key[3];
     const T k_area = box_area(key);
@@ -84,7 +85,7 @@ class OverlapSweep {
   // Max IoU of `query` with every key, value only: the sampler's keys need no
   // argmax, and without it the loop is branch-free over contiguous arrays, so
   // the compiler vectorises it. Same arithmetic as box_iou_pair(query, key).
-  T max_value(const T* q) const {
+  OS_VECTOR_CLONES T max_value(const T* q) const {
     const auto [first, last] = candidates(q[0], q[2]);
     const T qx1 = q[0], qy1 = q[1], qx2 = q[2], qy2 = q[3];
     const T q_area = box_area(q);

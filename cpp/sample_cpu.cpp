@@ -17,6 +17,7 @@
 #include "sample_options.h"
 #include "sampling_math.h"
 #include "select_top.h"
+#include "vector_clones.h"
 
 namespace overlap_sampler {
 namespace {
@@ -89,7 +90,7 @@ class ImageSampler {
   // coordinate, so the compiler vectorises it. Visiting GTs in ascending
   // order and replacing only on a larger IoU (or the first, 0) is
   // update_max's lowest-index tie rule.
-  void match(int64_t g_begin, int64_t g_end) {
+  OS_VECTOR_CLONES void match(int64_t g_begin, int64_t g_end) {
     const T fg = static_cast<T>(o_.fg_iou_thresh);
     const T bg = static_cast<T>(o_.bg_iou_thresh);
     const int64_t n = num_local_proposals_;
