@@ -18,6 +18,51 @@
 
 namespace overlap_sampler {
 
+// Boxes as one array per coordinate (x1, y1, x2, y2) and their areas.
+template <typename T>
+struct BoxColumns {
+  const T* x1;
+  const T* y1;
+  const T* x2;
+  const T* y2;
+  const T* area;
+};
+
+// best[r] = max(best[r], IoU(box r, key)) for r in [first, last): one
+// contiguous pass that the compiler vectorises. Always inlined, so each clone
+// of its caller vectorises it for its own instruction set.
+template <typename T>
+OS_ALWAYS_INLINE inline void max_iou_into(BoxColumns<T> boxes, int64_t first, int64_t last,
+                                          const T* key, T* best) {
+  const T kx1 = key[0], ky1 = key[1], kx2 = key[2], ky2 = key[3];
+  const T k_area = box_area(key);
+#pragma omp simd
+  for (int64_t r = first; r < last; ++r) {
+    const T iou = box_iou_unpacked(boxes.x1[r], boxes.y1[r], boxes.x2[r], boxes.y2[r],
+                                   boxes.area[r], kx1, ky1, kx2, ky2, k_area);
+    best[r] = iou > best[r] ? iou : best[r];
+  }
+}
+
+// max over r in [first, last) of IoU(query, box r), 0 if none: branch-free,
+// vectorised, always inlined like max_iou_into. Same arithmetic as
+// box_iou_pair(query, box r).
+template <typename T>
+OS_ALWAYS_INLINE inline T max_iou_of(BoxColumns<T> boxes, int64_t first, int64_t last,
+                                     const T* q) {
+  const T qx1 = q[0], qy1 = q[1], qx2 = q[2], qy2 = q[3];
+  const T q_area = box_area(q);
+  T best = T(0);
+  // `iou > best` never takes a NaN, so the lanes' maxima combine in any order.
+#pragma omp simd reduction(max : best)
+  for (int64_t r = first; r < last; ++r) {
+    const T iou = box_iou_unpacked(qx1, qy1, qx2, qy2, q_area, boxes.x1[r], boxes.y1[r],
+                                   boxes.x2[r], boxes.y2[r], boxes.area[r]);
+    best = iou > best ? iou : best;
+  }
+  return best;
+}
+
 template <typename T>
 class OverlapSweep {
  public:
@@ -69,18 +114,7 @@ class OverlapSweep {
   // The swept queries must be NaN-free (see reset).
   OS_VECTOR_CLONES void max_into(const T* key, T* best) const {
     const auto [first, last] = candidates(key[0], key[2]);
-    const T kx1 = key[0], ky1 = key[1], kx2 = key[2], ky2 = key[3];
-    const T k_area = box_area(key);
-    const T* x1 = x1_.data();
-    const T* y1 = y1_.data();
-    const T* x2 = x2_.data();
-    const T* y2 = y2_.data();
-    const T* area = area_.data();
-#pragma omp simd
-    for (int64_t r = first; r < last; ++r) {
-      const T iou = box_iou_unpacked(x1[r], y1[r], x2[r], y2[r], area[r], kx1, ky1, kx2, ky2, k_area);
-      best[r] = iou > best[r] ? iou : best[r];
-    }
+    max_iou_into(columns(), first, last, key, best);
   }
 
   // Max IoU of `query` with every key, value only: the sampler's keys need no
@@ -88,21 +122,7 @@ class OverlapSweep {
   // the compiler vectorises it. Same arithmetic as box_iou_pair(query, key).
   OS_VECTOR_CLONES T max_value(const T* q) const {
     const auto [first, last] = candidates(q[0], q[2]);
-    const T qx1 = q[0], qy1 = q[1], qx2 = q[2], qy2 = q[3];
-    const T q_area = box_area(q);
-    const T* x1 = x1_.data();
-    const T* y1 = y1_.data();
-    const T* x2 = x2_.data();
-    const T* y2 = y2_.data();
-    const T* area = area_.data();
-    T best = T(0);
-    // `iou > best` never takes a NaN, so the lanes' maxima combine in any order.
-#pragma omp simd reduction(max : best)
-    for (int64_t r = first; r < last; ++r) {
-      const T iou = box_iou_unpacked(qx1, qy1, qx2, qy2, q_area, x1[r], y1[r], x2[r], y2[r], area[r]);
-      best = iou > best ? iou : best;
-    }
-    return best;
+    return max_iou_of(columns(), first, last, q);
   }
 
   // Max IoU of `query` with every key whose id != skip_id; lowest id on ties;
@@ -123,6 +143,10 @@ class OverlapSweep {
   }
 
  private:
+  BoxColumns<T> columns() const {
+    return {x1_.data(), y1_.data(), x2_.data(), y2_.data(), area_.data()};
+  }
+
   static T sort_x1(T x1) { return x1 == x1 ? x1 : std::numeric_limits<T>::infinity(); }
 
   // Sorted positions [first, last) of the boxes whose x-interval can meet [x1, x2).

@@ -45,11 +45,14 @@ build() {
 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
   nvcc --version | tail -2
   stamp build
+  rm -rf build/variant-python build/variant-bench build/variant.ok
   if [ -n "$VARIANT_NAME" ]; then
-    rm -rf build/variant-python && mkdir -p build/variant-python &&
-      cp -r "${VARIANT_SRC:-.}"/python/overlap_sampler build/variant-python/
-    build "${VARIANT_SRC:-.}" build/gpu-variant build/variant-python/overlap_sampler "$VARIANT_FLAGS" \
-      > build/variant.log 2>&1 &
+    # Its own build folder per variant (CMake ties one to one source tree), and
+    # no library left in the copied package, so a failed build is never run.
+    mkdir -p build/variant-python && cp -r "${VARIANT_SRC:-.}"/python/overlap_sampler build/variant-python/ &&
+      rm -f build/variant-python/overlap_sampler/*.so &&
+      (build "${VARIANT_SRC:-.}" "build/gpu-variant-$VARIANT_NAME" build/variant-python/overlap_sampler \
+        "$VARIANT_FLAGS" && touch build/variant.ok) > build/variant.log 2>&1 &
   fi
   build . build/gpu python/overlap_sampler
   default_rc=$?
@@ -58,6 +61,10 @@ build() {
   exit $default_rc
 ) > "$OUT/build.log" 2>&1
 build_rc=$?
+if [ -n "$VARIANT_NAME" ] && [ ! -e build/variant.ok ]; then
+  echo "VARIANT ($VARIANT_NAME) BUILD FAILED: its steps are skipped (see build.log)"
+  VARIANT_NAME=""
+fi
 head -8 "$OUT/build.log"
 if [ $build_rc -ne 0 ]; then tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; fi
 stamp built
