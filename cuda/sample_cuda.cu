@@ -14,7 +14,10 @@
 //   3. select_kernel, one block per image: class counts and key ranges, bin
 //      counts, water-filling, sampling keys, the per-segment top-k by block
 //      radix select, the epsilon weights and the ordered compaction into the
-//      output row (every element written, padding included).
+//      output row (every element written, padding included). Its first pass
+//      stages each example's label and key in shared memory (when the image
+//      fits), so the ten or so passes after it wait on shared memory, not on
+//      global loads.
 //
 // Image-major order: image b owns positions [start(b), start(b+1)) with
 // start(b) = proposal_splits[b] (+ gt_splits[b] with append_gt); its local
@@ -32,9 +35,13 @@
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
+#include <mutex>
 #include <string>
 
 #include "cuda_utils.cuh"
@@ -82,6 +89,13 @@ struct ImageLayout {
 
 __device__ __forceinline__ int class_of(int8_t label) {
   return label == kPositive ? kPos : (label == kNegative ? kNeg : -1);
+}
+
+// v[c] for a class c >= 0 known only at run time, by selection: indexing a
+// per-class array with it would put the array in local memory.
+template <typename T>
+__device__ __forceinline__ T of_class(int c, const T (&v)[2]) {
+  return c == kPos ? v[kPos] : v[kNeg];
 }
 
 // ---------------------------------------------------------------------------
@@ -292,7 +306,13 @@ struct SelectParams {
   double bg_iou_thresh;
   bool epsilon;  // pos_weight != 1: find each GT's best sampled proposal
   float pos_weight;
+  int64_t cache_capacity;  // images of at most this many examples are staged
 };
+
+// Shared-memory bytes per staged example: the key slot (the class key's double
+// bits, replaced by the sampling key in the segment pass), the segment and the
+// label.
+constexpr int64_t kStagedBytes = sizeof(unsigned long long) + sizeof(int16_t) + sizeof(int8_t);
 
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) select_kernel(
@@ -317,6 +337,8 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
   // stack frame in local memory.
   __shared__ int64_t fill_count[kMaxBins];
   __shared__ int64_t fill_take[kMaxBins];
+  // Staged examples, p.cache_capacity of each array (kStagedBytes each).
+  extern __shared__ __align__(16) unsigned char staged[];
 
   const int K = p.num_bins;
   for (int64_t b = blockIdx.x; b < layout.num_images; b += gridDim.x) {
@@ -330,12 +352,22 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
     const auto example_id = [&](int64_t e) {
       return e < n_prop ? p0 + e : layout.num_proposals + g0 + (e - n_prop);
     };
-    const auto class_key = [&](int c, int64_t x) -> double {
-      const int source = p.key_source[c];
-      if (source == kKeyOverlap) return overlap_key[x];
-      if (source == kKeyIouGt) return static_cast<double>(iou_gt[x]);
-      return 0.0;
-    };
+    // The image's label, key slot and segment of local example e: in shared
+    // memory when the image fits (block-uniform), else in global memory (the
+    // workspaces' range of the image). Every pass below maps e to thread
+    // e % kThreads, so a thread reads back only what it wrote; generic
+    // pointers, so one code path serves both.
+    const bool cached = n <= p.cache_capacity;
+    const int64_t capacity = p.cache_capacity;
+    unsigned long long* const keys =
+        cached ? reinterpret_cast<unsigned long long*>(staged) : sampling_keys + x0;
+    int16_t* const segments =
+        cached ? reinterpret_cast<int16_t*>(staged + sizeof(unsigned long long) * capacity)
+               : segment + x0;
+    int8_t* const staged_labels = reinterpret_cast<int8_t*>(
+        staged + (sizeof(unsigned long long) + sizeof(int16_t)) * capacity);
+    const int8_t* const labels = cached ? staged_labels : label + x0;
+    const auto staged_key = [&](int64_t e) { return __longlong_as_double(keys[e]); };
 
     const bool epsilon = p.epsilon && g1 > g0;
     if (epsilon) {
@@ -345,18 +377,32 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
       }
     }
 
-    // Class sizes and key ranges.
+    // Class sizes and key ranges; stages the labels and the class keys. The
+    // key sources are fixed per call, so an example's loads are issued
+    // together (one global latency per iteration, not a label then a key).
+    const bool reads_overlap = p.key_source[kPos] == kKeyOverlap || p.key_source[kNeg] == kKeyOverlap;
+    const bool reads_iou_gt = p.key_source[kPos] == kKeyIouGt || p.key_source[kNeg] == kKeyIouGt;
     long long count_pos = 0, count_neg = 0;
     double max_pos = -INFINITY, max_neg = -INFINITY, min_pos = INFINITY, min_neg = INFINITY;
     for (int64_t e = threadIdx.x; e < n; e += kThreads) {
-      const int c = class_of(label[x0 + e]);
+      const int8_t l = label[x0 + e];
+      const double overlap = reads_overlap ? overlap_key[x0 + e] : 0.0;
+      const double gt_iou = reads_iou_gt ? static_cast<double>(iou_gt[x0 + e]) : 0.0;
+      const auto class_key = [&](int c) {
+        const int source = p.key_source[c];
+        return source == kKeyOverlap ? overlap : (source == kKeyIouGt ? gt_iou : 0.0);
+      };
+      if (cached) staged_labels[e] = l;
+      const int c = class_of(l);
       if (c == kPos) {
-        const double k = class_key(kPos, x0 + e);
+        const double k = class_key(kPos);
+        keys[e] = static_cast<unsigned long long>(__double_as_longlong(k));
         count_pos += 1;
         max_pos = gpu::MaxOp()(max_pos, k);
         min_pos = gpu::MinOp()(min_pos, k);
       } else if (c == kNeg) {
-        const double k = class_key(kNeg, x0 + e);
+        const double k = class_key(kNeg);
+        keys[e] = static_cast<unsigned long long>(__double_as_longlong(k));
         count_neg += 1;
         max_neg = gpu::MaxOp()(max_neg, k);
         min_neg = gpu::MinOp()(min_neg, k);
@@ -411,9 +457,10 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
         const int64_t e = base + threadIdx.x;
         int code = -1;
         if (e < n) {
-          const int c = class_of(label[x0 + e]);
-          if (c >= 0 && binned[c]) {
-            code = c * kMaxBins + bin_index(class_key(c, x0 + e), bin_lo[c], bin_hi[c], K);
+          const int c = class_of(labels[e]);
+          if (c >= 0 && of_class(c, binned)) {
+            code = c * kMaxBins +
+                   bin_index(staged_key(e), of_class(c, bin_lo), of_class(c, bin_hi), K);
           }
         }
         gpu::warp_aggregated_increment(bin_count, code);
@@ -423,6 +470,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
 
     // Segments: per-bin takes by water-filling, or one segment per class.
     if (threadIdx.x == 0) {
+#pragma unroll
       for (int c = 0; c < 2; ++c) {
         if (quota_bins[c]) {
           for (int k = 0; k < K; ++k) {
@@ -448,33 +496,39 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
     }
 
     // Segment of every example, and the sampling key of those in segments
-    // that still have to be resolved.
+    // that still have to be resolved (in the class key's slot).
     for (int64_t e = threadIdx.x; e < n; e += kThreads) {
-      const int64_t x = x0 + e;
-      const int c = class_of(label[x]);
+      // Loaded first, whether needed or not (a valid index either way), so
+      // that its global latency overlaps this iteration's shared reads.
+      const double u = uniforms[example_id(e)];
+      const int c = class_of(labels[e]);
       int seg = -1;
-      if (c >= 0 && quota[c] > 0) {
+      if (c >= 0 && of_class(c, quota) > 0) {
         const int s = p.strategy[c];
-        const double key = class_key(c, x);
-        const int bin = binned[c] ? bin_index(key, bin_lo[c], bin_hi[c], K) : 0;
-        seg = seg_base[c] + (quota_bins[c] ? bin : 0);
+        const bool class_quota_bins = of_class(c, quota_bins);
+        const double key = staged_key(e);
+        const int bin = of_class(c, binned)
+                            ? bin_index(key, of_class(c, bin_lo), of_class(c, bin_hi), K)
+                            : 0;
+        seg = of_class(c, seg_base) + (class_quota_bins ? bin : 0);
         if (state.mode[seg] == gpu::kTopKPending) {
           double weight;
-          if (quota_bins[c]) {
+          if (class_quota_bins) {
             weight = 1.0;  // uniform inside a bin
           } else if (s == kSoftReference) {
-            weight = 1.0 / (static_cast<double>(bin_count[c * kMaxBins + bin]) * nonempty[c]);
+            weight = 1.0 / (static_cast<double>(bin_count[c * kMaxBins + bin]) *
+                            of_class(c, nonempty));
           } else {
             weight = strategy_weight(s, key, p.hard_thresh, 0.0);
           }
-          sampling_keys[x] = sampling_key(uniforms[example_id(e)], weight);
+          keys[e] = sampling_key(u, weight);
         }
       }
-      segment[x] = static_cast<int16_t>(seg);
+      segments[e] = static_cast<int16_t>(seg);
     }
 
-    const auto seg_of = [&](int64_t e) { return static_cast<int>(segment[x0 + e]); };
-    const auto key_of = [&](int64_t e) { return sampling_keys[x0 + e]; };
+    const auto seg_of = [&](int64_t e) { return static_cast<int>(segments[e]); };
+    const auto key_of = [&](int64_t e) { return keys[e]; };
     gpu::block_topk_resolve<kGroup>(n, num_segments, state, hist, seg_of, key_of);
     const auto selected = [&](int64_t e) {
       return gpu::topk_selected(state, seg_of(e), e, n, key_of);
@@ -487,7 +541,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
       for (int64_t e = threadIdx.x; e < n_prop; e += kThreads) {
         const int64_t x = x0 + e;
         const int64_t g = matched[x];
-        if (label[x] == kPositive && g >= 0 && selected(e)) {
+        if (labels[e] == kPositive && g >= 0 && selected(e)) {
           atomicMax(&gt_best_iou[g], static_cast<unsigned long long>(
                                          __double_as_longlong(static_cast<double>(iou_gt[x]))));
         }
@@ -496,7 +550,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
       for (int64_t e = threadIdx.x; e < n_prop; e += kThreads) {
         const int64_t x = x0 + e;
         const int64_t g = matched[x];
-        if (label[x] == kPositive && g >= 0 && selected(e)) {
+        if (labels[e] == kPositive && g >= 0 && selected(e)) {
           const unsigned long long bits = static_cast<unsigned long long>(
               __double_as_longlong(static_cast<double>(iou_gt[x])));
           if (__ldcg(&gt_best_iou[g]) == bits) {
@@ -516,7 +570,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
       const int64_t x = x0 + e;
       bool take_pos = false, take_neg = false;
       if (e < n) {
-        const int8_t l = label[x];
+        const int8_t l = labels[e];
         if (l != kIgnored && selected(e)) {
           take_pos = l == kPositive;
           take_neg = l == kNegative;
@@ -595,6 +649,46 @@ unsigned int key_splits(int64_t num_examples, int64_t num_images) {
   const int64_t tiles = std::max<int64_t>((per_image + kThreads - 1) / kThreads, 1);
   const int64_t wanted = std::max<int64_t>(8 * int64_t{multiprocessors} / query_blocks, 1);
   return static_cast<unsigned int>(std::min<int64_t>({wanted, tiles, 65535}));
+}
+
+// Dynamic shared memory that select_kernel<acc_t> may use on the current
+// device: all the device lets one block opt in to, beside the kernel's static
+// arrays. The opt-in (cudaFuncSetAttribute, per device) is made once: the
+// runtime serialises it with pending copies, so it stays off the hot path.
+template <typename acc_t>
+int64_t select_dynamic_shared_bytes() {
+  static const int64_t static_bytes = [] {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, select_kernel<acc_t>));
+    return static_cast<int64_t>(attributes.sharedSizeBytes);
+  }();
+  static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> opted_in;
+  int device = 0;
+  int optin_bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "overlap_sampler: CUDA device ",
+              device, " beyond the ", C10_COMPILE_TIME_MAX_GPUS, " this build supports");
+  const int64_t dynamic_bytes = std::max<int64_t>(optin_bytes - static_bytes, 0);
+  std::call_once(opted_in[device], [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(select_kernel<acc_t>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(dynamic_bytes)));
+  });
+  return dynamic_bytes;
+}
+
+// Examples staged per image by select_kernel (p.cache_capacity): what fits in
+// `dynamic_bytes`, but no more than twice the average image (at least 4096),
+// so that batches of many images keep several blocks per multiprocessor. Only
+// shapes are read (no sync); a larger image is served from global memory,
+// never wrong.
+int64_t select_cache_capacity(int64_t num_examples, int64_t num_images, int64_t dynamic_bytes) {
+  const int64_t images = std::max<int64_t>(num_images, 1);
+  const int64_t average = (num_examples + images - 1) / images;
+  return std::min<int64_t>(
+      {dynamic_bytes / kStagedBytes, num_examples, std::max<int64_t>(2 * average, 4096)});
 }
 
 }  // namespace
@@ -699,7 +793,10 @@ SampleResult sample_from_uniforms_cuda(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
-    select_kernel<acc_t><<<gpu::item_blocks(num_images), kThreads, 0, stream>>>(
+    params.cache_capacity = select_cache_capacity(num_examples, num_images,
+                                                  select_dynamic_shared_bytes<acc_t>());
+    const size_t staged_bytes = static_cast<size_t>(params.cache_capacity * kStagedBytes);
+    select_kernel<acc_t><<<gpu::item_blocks(num_images), kThreads, staged_bytes, stream>>>(
         layout, params, u.const_data_ptr<double>(), ws.at<int8_t>(label_at),
         ws.at<int64_t>(matched_at), ws.at<acc_t>(iou_gt_at), ws.at<double>(overlap_key_at),
         ws.at<unsigned long long>(sampling_keys_at), ws.at<int16_t>(segment_at),
