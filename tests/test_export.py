@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,7 +200,7 @@ def test_evaluate_checkpoint_rejects_other_categories(checkpoint_and_data, tmp_p
     from overlap_sampler.engine.evaluate import evaluate_checkpoint
 
     checkpoint, image_dir, annotations = checkpoint_and_data
-    data = json.loads(open(annotations).read())
+    data = json.loads(Path(annotations).read_text())
     for category in data["categories"]:
         category["id"] += 100
     for annotation in data["annotations"]:
