@@ -5,7 +5,8 @@ for compute-sanitizer (memcheck, racecheck, initcheck) to watch:
 
 Covers: empty images, images without GT, fp16/32/64 boxes, every strategy for
 negatives and positives, fixed bin ranges, both pos_key modes, validate on and
-off, and an image larger than one tile of the max-IoU kernels. Each result is
+off, an image larger than one tile of the max-IoU kernels, and one larger than
+select_kernel stages in shared memory. Each result is
 also compared with the CPU kernels, so a wrong value fails here too (exit 1).
 """
 
@@ -68,6 +69,16 @@ def main() -> int:
                             **options)
                 same(overlap_sampler.sample_from_uniforms(proposals, ps, gt, gs, uniforms, **opts),
                      overlap_sampler.sample_from_uniforms(*cuda, uniforms.cuda(), **opts), f"sample {opts}")
+    # select_kernel stages an image in shared memory up to twice the batch's
+    # average image (at least 4096 examples): the 4200-proposal image here takes
+    # the global-memory path, the small ones the staged path, in one call.
+    big = make_batch([4200, 30, 10], [12, 3, 0], seed=5, canvas=1000.0)
+    big_cuda = [t.cuda() for t in big]
+    big_uniforms = torch.rand(big[0].shape[0] + big[2].shape[0], dtype=torch.float64)
+    for neg in ("soft", "soft_reference", "linear"):
+        opts = dict(neg_strategy=neg, pos_strategy="soft", pos_weight=2.0)
+        same(overlap_sampler.sample_from_uniforms(*big, big_uniforms, **opts),
+             overlap_sampler.sample_from_uniforms(*big_cuda, big_uniforms.cuda(), **opts), f"sample, large image {opts}")
     generator = torch.Generator("cuda").manual_seed(0)
     overlap_sampler.sample(*cuda, append_gt=False, generator=generator)
     torch.cuda.synchronize()

@@ -44,8 +44,24 @@ def test_cuda_iou_bits_equal_cpu_on_extreme_coordinates(dtype):
     assert torch.equal(gpu.view(bits), cpu.view(bits))
 
 
+@pytest.mark.parametrize("neg_strategy", overlap_sampler.NEGATIVE_STRATEGIES)
+def test_images_beyond_the_staging_capacity_match_cpu(neg_strategy):
+    """select_kernel stages an image's labels and keys in shared memory only
+    when it fits (about 19k examples on an H100, 13k on an A100); a larger one
+    is served from global memory. A batch with a 25k-proposal image and small
+    ones runs both paths in one call, with the epsilon weights."""
+    batch = make_batch([25_000, 1500, 0, 9], [30, 6, 2, 0], seed=4, canvas=2000.0)
+    uniforms = torch.rand(batch[0].shape[0] + batch[2].shape[0], dtype=torch.float64)
+    options = dict(neg_strategy=neg_strategy, pos_strategy="soft", pos_weight=2.0)
+    cpu = overlap_sampler.sample_from_uniforms(*batch, uniforms, **options)
+    gpu = overlap_sampler.sample_from_uniforms(*_cuda(batch), uniforms.cuda(), **options)
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())
+
+
 def test_large_images_take_the_same_path_results():
-    """Images beyond shared memory (100k proposals) still match the CPU."""
+    """Images beyond every tile and the staging capacity (100k proposals)
+    still match the CPU."""
     batch = make_batch([100_000, 3000], [40, 3], seed=2, canvas=2000.0)
     uniforms = torch.rand(batch[0].shape[0] + batch[2].shape[0], dtype=torch.float64)
     cpu = overlap_sampler.sample_from_uniforms(*batch, uniforms)
