@@ -146,8 +146,9 @@ __device__ __forceinline__ void warp_aggregated_increment(Counter* counters, int
 // (usually after 3 key passes), so the selected set is
 //   (key & key_mask) >  key_prefix, or
 //   (key & key_mask) == key_prefix and (rank & rank_mask) >= rank_prefix.
-// The elements stay in global memory and are re-read every pass, so segments
-// of any size work; up to kGroup segments share one pass over the elements.
+// The elements are re-read every pass through seg_of / key_of (shared or
+// global memory, the caller's choice), so segments of any size work; up to
+// kGroup segments share one pass over the elements.
 
 enum TopKMode : int {
   kTopKNone = 0,      // take == 0
@@ -274,11 +275,20 @@ __device__ void block_topk_resolve(int64_t n, int num_segments, TopKState<kMaxSe
         // ballot != 0 whenever `count` in topk_init was right; otherwise the
         // segment stays Pending and is read with its prefix so far.
         if (ballot != 0 && lane == __ffs(ballot) - 1) {
+          // The first of this lane's digits (highest first) that reaches
+          // `need`; unrolled, so c[] stays in registers.
           long long above = static_cast<long long>(inclusive - sum);
-          int j = 0;
-          for (; j < 7; ++j) {
-            if (above + c[j] >= need) break;
-            above += c[j];
+          int j = 7;
+          unsigned int count_j = c[7];
+#pragma unroll
+          for (int k = 0; k < 7; ++k) {
+            if (j != 7) continue;
+            if (above + c[k] >= need) {
+              j = k;
+              count_j = c[k];
+            } else {
+              above += c[k];
+            }
           }
           const unsigned long long digit = static_cast<unsigned long long>(255 - 8 * lane - j);
           if (key_pass) {
@@ -289,7 +299,7 @@ __device__ void block_topk_resolve(int64_t n, int num_segments, TopKState<kMaxSe
             st.rank_mask[s] |= 0xffull << shift;
           }
           st.remaining[s] = need - above;
-          if (need - above == static_cast<long long>(c[j])) st.mode[s] = kTopKResolved;
+          if (need - above == static_cast<long long>(count_j)) st.mode[s] = kTopKResolved;
         }
       }
     }

@@ -37,11 +37,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/CallOnce.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
-#include <mutex>
 #include <string>
 
 #include "cuda_utils.cuh"
@@ -314,8 +314,13 @@ struct SelectParams {
 // label.
 constexpr int64_t kStagedBytes = sizeof(unsigned long long) + sizeof(int16_t) + sizeof(int8_t);
 
+// Blocks of select_kernel that should fit on a multiprocessor by registers
+// (64 per thread): it runs one block per image, and batches of many images
+// want several resident at once.
+constexpr int kSelectMinBlocks = kThreads <= 512 ? 1024 / kThreads : 1;
+
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) select_kernel(
+__global__ void __launch_bounds__(kThreads, kSelectMinBlocks) select_kernel(
     ImageLayout layout, SelectParams p, const double* __restrict__ uniforms,
     const int8_t* __restrict__ label, const int64_t* __restrict__ matched,
     const acc_t* __restrict__ iou_gt, const double* __restrict__ overlap_key,
@@ -504,7 +509,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
       const int c = class_of(labels[e]);
       int seg = -1;
       if (c >= 0 && of_class(c, quota) > 0) {
-        const int s = p.strategy[c];
+        const int s = of_class(c, p.strategy);
         const bool class_quota_bins = of_class(c, quota_bins);
         const double key = staged_key(e);
         const int bin = of_class(c, binned)
@@ -653,42 +658,43 @@ unsigned int key_splits(int64_t num_examples, int64_t num_images) {
 
 // Dynamic shared memory that select_kernel<acc_t> may use on the current
 // device: all the device lets one block opt in to, beside the kernel's static
-// arrays. The opt-in (cudaFuncSetAttribute, per device) is made once: the
-// runtime serialises it with pending copies, so it stays off the hot path.
+// arrays. Queried and opted in (cudaFuncSetAttribute) once per device: the
+// runtime serialises that call with pending copies, so it stays off the hot
+// path. c10::call_once, not std::call_once: a throwing first try may be
+// retried without the libstdc++ hang.
 template <typename acc_t>
 int64_t select_dynamic_shared_bytes() {
-  static const int64_t static_bytes = [] {
-    cudaFuncAttributes attributes;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, select_kernel<acc_t>));
-    return static_cast<int64_t>(attributes.sharedSizeBytes);
-  }();
-  static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> opted_in;
+  static std::array<c10::once_flag, C10_COMPILE_TIME_MAX_GPUS> opted_in;
+  static std::array<int64_t, C10_COMPILE_TIME_MAX_GPUS> dynamic_bytes;
   int device = 0;
-  int optin_bytes = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "overlap_sampler: CUDA device ",
               device, " beyond the ", C10_COMPILE_TIME_MAX_GPUS, " this build supports");
-  const int64_t dynamic_bytes = std::max<int64_t>(optin_bytes - static_bytes, 0);
-  std::call_once(opted_in[device], [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(select_kernel<acc_t>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(dynamic_bytes)));
+  c10::call_once(opted_in[device], [device] {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, select_kernel<acc_t>));
+    int optin_bytes = 0;
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    const int64_t bytes = std::max<int64_t>(
+        int64_t{optin_bytes} - static_cast<int64_t>(attributes.sharedSizeBytes), 0);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        select_kernel<acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    dynamic_bytes[device] = bytes;
   });
-  return dynamic_bytes;
+  return dynamic_bytes[device];
 }
 
 // Examples staged per image by select_kernel (p.cache_capacity): what fits in
-// `dynamic_bytes`, but no more than twice the average image (at least 4096),
-// so that batches of many images keep several blocks per multiprocessor. Only
-// shapes are read (no sync); a larger image is served from global memory,
-// never wrong.
+// `dynamic_bytes`, but no more than twice the average image (at least 1024),
+// rounded up to 256, so that batches of many small images keep several blocks
+// per multiprocessor. Only shapes are read (no sync); a larger image is served
+// from global memory, never wrong.
 int64_t select_cache_capacity(int64_t num_examples, int64_t num_images, int64_t dynamic_bytes) {
   const int64_t images = std::max<int64_t>(num_images, 1);
   const int64_t average = (num_examples + images - 1) / images;
-  return std::min<int64_t>(
-      {dynamic_bytes / kStagedBytes, num_examples, std::max<int64_t>(2 * average, 4096)});
+  const int64_t wanted = (std::max<int64_t>(2 * average, 1024) + 255) / 256 * 256;
+  return std::min<int64_t>({dynamic_bytes / kStagedBytes, num_examples, wanted});
 }
 
 }  // namespace
