@@ -69,8 +69,8 @@ def main() -> int:
                             **options)
                 same(overlap_sampler.sample_from_uniforms(proposals, ps, gt, gs, uniforms, **opts),
                      overlap_sampler.sample_from_uniforms(*cuda, uniforms.cuda(), **opts), f"sample {opts}")
-    # select_kernel stages an image in shared memory up to twice the batch's
-    # average image (at least 4096 examples): the 4200-proposal image here takes
+    # select_kernel stages an image in shared memory up to about twice the
+    # batch's average image (3072 examples here): the 4200-proposal image takes
     # the global-memory path, the small ones the staged path, in one call.
     big = make_batch([4200, 30, 10], [12, 3, 0], seed=5, canvas=1000.0)
     big_cuda = [t.cuda() for t in big]
