@@ -14,15 +14,19 @@ def _cuda(batch):
     return [t.cuda() for t in batch]
 
 
-@pytest.mark.parametrize("neg_strategy", overlap_sampler.NEGATIVE_STRATEGIES)
-def test_cuda_equals_cpu_for_the_same_uniforms(neg_strategy):
-    batch = make_batch([2000] * 4 + [0, 37], [20, 5, 0, 11, 2, 1], seed=1, canvas=1000.0)
+def _assert_cuda_equals_cpu(batch, **options):
+    """sample_from_uniforms on CUDA gives the CPU's outputs for the same uniforms."""
     uniforms = torch.rand(batch[0].shape[0] + batch[2].shape[0], dtype=torch.float64)
-    options = dict(neg_strategy=neg_strategy, pos_strategy="soft", pos_weight=2.0)
     cpu = overlap_sampler.sample_from_uniforms(*batch, uniforms, **options)
     gpu = overlap_sampler.sample_from_uniforms(*_cuda(batch), uniforms.cuda(), **options)
     for a, b in zip(cpu, gpu):
         assert torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("neg_strategy", overlap_sampler.NEGATIVE_STRATEGIES)
+def test_cuda_equals_cpu_for_the_same_uniforms(neg_strategy):
+    batch = make_batch([2000] * 4 + [0, 37], [20, 5, 0, 11, 2, 1], seed=1, canvas=1000.0)
+    _assert_cuda_equals_cpu(batch, neg_strategy=neg_strategy, pos_strategy="soft", pos_weight=2.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -51,23 +55,13 @@ def test_images_beyond_the_staging_capacity_match_cpu(neg_strategy):
     is served from global memory. A batch with a 25k-proposal image and small
     ones runs both paths in one call, with the epsilon weights."""
     batch = make_batch([25_000, 1500, 0, 9], [30, 6, 2, 0], seed=4, canvas=2000.0)
-    uniforms = torch.rand(batch[0].shape[0] + batch[2].shape[0], dtype=torch.float64)
-    options = dict(neg_strategy=neg_strategy, pos_strategy="soft", pos_weight=2.0)
-    cpu = overlap_sampler.sample_from_uniforms(*batch, uniforms, **options)
-    gpu = overlap_sampler.sample_from_uniforms(*_cuda(batch), uniforms.cuda(), **options)
-    for a, b in zip(cpu, gpu):
-        assert torch.equal(a, b.cpu())
+    _assert_cuda_equals_cpu(batch, neg_strategy=neg_strategy, pos_strategy="soft", pos_weight=2.0)
 
 
 def test_large_images_take_the_same_path_results():
     """Images beyond every tile and the staging capacity (100k proposals)
     still match the CPU."""
-    batch = make_batch([100_000, 3000], [40, 3], seed=2, canvas=2000.0)
-    uniforms = torch.rand(batch[0].shape[0] + batch[2].shape[0], dtype=torch.float64)
-    cpu = overlap_sampler.sample_from_uniforms(*batch, uniforms)
-    gpu = overlap_sampler.sample_from_uniforms(*_cuda(batch), uniforms.cuda())
-    for a, b in zip(cpu, gpu):
-        assert torch.equal(a, b.cpu())
+    _assert_cuda_equals_cpu(make_batch([100_000, 3000], [40, 3], seed=2, canvas=2000.0))
 
 
 def test_no_host_sync_with_validate_false():
