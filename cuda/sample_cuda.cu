@@ -42,7 +42,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <string>
+#include <string_view>
 
 #include "cuda_utils.cuh"
 #include "sample_options.h"
@@ -689,8 +691,12 @@ int64_t select_dynamic_shared_bytes() {
 // `dynamic_bytes`, but no more than twice the average image (at least 1024),
 // rounded up to 256, so that batches of many small images keep several blocks
 // per multiprocessor. Only shapes are read (no sync); a larger image is served
-// from global memory, never wrong.
+// from global memory, never wrong. OVERLAP_SAMPLER_SELECT_STAGING=0 stages
+// nothing (every image from global memory), so that tests and debugging can
+// run the two paths on the same input; read per call.
 int64_t select_cache_capacity(int64_t num_examples, int64_t num_images, int64_t dynamic_bytes) {
+  const char* staging = std::getenv("OVERLAP_SAMPLER_SELECT_STAGING");
+  if (staging != nullptr && std::string_view(staging) == "0") return 0;
   const int64_t images = std::max<int64_t>(num_images, 1);
   const int64_t average = (num_examples + images - 1) / images;
   const int64_t wanted = (std::max<int64_t>(2 * average, 1024) + 255) / 256 * 256;

@@ -23,8 +23,12 @@ def _assert_cuda_equals_cpu(batch, **options):
         assert torch.equal(a, b.cpu())
 
 
+@pytest.mark.parametrize("staging", ["1", "0"])
 @pytest.mark.parametrize("neg_strategy", overlap_sampler.NEGATIVE_STRATEGIES)
-def test_cuda_equals_cpu_for_the_same_uniforms(neg_strategy):
+def test_cuda_equals_cpu_for_the_same_uniforms(neg_strategy, staging, monkeypatch):
+    """Both of select_kernel's paths: images staged in shared memory, and (with
+    OVERLAP_SAMPLER_SELECT_STAGING=0) every image read from global memory."""
+    monkeypatch.setenv("OVERLAP_SAMPLER_SELECT_STAGING", staging)
     batch = make_batch([2000] * 4 + [0, 37], [20, 5, 0, 11, 2, 1], seed=1, canvas=1000.0)
     _assert_cuda_equals_cpu(batch, neg_strategy=neg_strategy, pos_strategy="soft", pos_weight=2.0)
 
