@@ -387,7 +387,8 @@ __global__ void __launch_bounds__(kThreads, kSelectMinBlocks) select_kernel(
     // Class sizes and key ranges; stages the labels and the class keys. The
     // key sources are fixed per call, so an example's loads are issued
     // together (one global latency per iteration, not a label then a key).
-    const bool reads_overlap = p.key_source[kPos] == kKeyOverlap || p.key_source[kNeg] == kKeyOverlap;
+    const bool reads_overlap =
+        p.key_source[kPos] == kKeyOverlap || p.key_source[kNeg] == kKeyOverlap;
     const bool reads_iou_gt = p.key_source[kPos] == kKeyIouGt || p.key_source[kNeg] == kKeyIouGt;
     long long count_pos = 0, count_neg = 0;
     double max_pos = -INFINITY, max_neg = -INFINITY, min_pos = INFINITY, min_neg = INFINITY;
@@ -680,8 +681,9 @@ int64_t select_dynamic_shared_bytes() {
         cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     const int64_t bytes = std::max<int64_t>(
         int64_t{optin_bytes} - static_cast<int64_t>(attributes.sharedSizeBytes), 0);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(
-        select_kernel<acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(select_kernel<acc_t>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
     dynamic_bytes[device] = bytes;
   });
   return dynamic_bytes[device];
