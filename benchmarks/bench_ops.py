@@ -127,6 +127,12 @@ def measure(images, proposals_per_image, gt_per_image, device, repeats, with_ref
         row[name] = time_call(fn, device, repeats)
     if device.type == "cuda":
         row["launches"], row["kernel time"], row["kernels"] = profile_kernels(calls["overlap_sampler.sample"])
+        # The same call with select_kernel reading every image from global memory, side by side.
+        os.environ["OVERLAP_SAMPLER_SELECT_STAGING"] = "0"
+        try:
+            row["kernels, staging off"] = profile_kernels(calls["overlap_sampler.sample"])[2]
+        finally:
+            del os.environ["OVERLAP_SAMPLER_SELECT_STAGING"]
         # The op's random draw comes from the generator; give it as uniforms to capture the rest.
         uniforms = torch.rand(batch[0].shape[0] + batch[2].shape[0], dtype=torch.float64, device=device)
         row["graph replay"] = time_graph_replay(lambda: overlap_sampler.sample_from_uniforms(
@@ -209,8 +215,10 @@ def main():
     main_row = results["sections"]["main"][0]
     if "kernels" in main_row:
         report += ["### kernels of one `sample` call, main case (torch profiler)", "",
-                   "| kernel | µs |", "|---|---|"]
-        report += [f"| `{name}` | {us:.1f} |" for name, us in main_row["kernels"]]
+                   "| kernel | µs | µs with `OVERLAP_SAMPLER_SELECT_STAGING=0` |", "|---|---|---|"]
+        off = dict(main_row.get("kernels, staging off", []))
+        report += [f"| `{name}` | {us:.1f} | {off[name]:.1f} |" if name in off else f"| `{name}` | {us:.1f} | — |"
+                   for name, us in main_row["kernels"]]
         report.append("")
     text = "\n".join(report)
     print(text)
