@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a lent GPU machine whose python3 already has torch,
 # torchvision, pybind11, cmake and pytest: build against that torch (sm_90 only),
-# benchmark, profile the kernels with Nsight Compute where it is installed, then the
-# CUDA tests and compute-sanitizer (memcheck, racecheck) side by side. Logs and
-# benchmark results go to $OUT (default /tmp/gpu_check): 8 files at most, the
-# device tool's limit on what comes back.
+# benchmark, then the CUDA tests and compute-sanitizer (memcheck, racecheck) side by
+# side, then a kernel profile with Nsight Compute where it is installed, all within
+# GPU_CHECK_SECONDS (default 570). Logs and benchmark results go to $OUT (default
+# /tmp/gpu_check): 8 files at most, the device tool's limit on what comes back.
 #     OUT=/tmp/out bash scripts/gpu_check.sh
 # A variant is built, checked against the CPU and benchmarked after the default build:
 #   VARIANT_THREADS=1024   the same sources with that many threads per block;
@@ -23,9 +23,13 @@ VARIANT_FLAGS=""
 [ -n "$VARIANT_THREADS" ] && VARIANT_FLAGS="-DOVERLAP_SAMPLER_CUDA_THREADS=$VARIANT_THREADS"
 VARIANT_NAME=${VARIANT_SRC:+$(basename "$VARIANT_SRC")}${VARIANT_THREADS:+-threads$VARIANT_THREADS}
 VARIANT_NAME=${VARIANT_NAME#-}
+# Steps share one deadline (the device tool ends a call at 600 s): each gets
+# at most its own cap and what is left, correctness before the profile.
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-570}))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-stamp() { echo "== $* ($(date +%T))"; }
+stamp() { echo "== $* ($(date +%T), $((DEADLINE - SECONDS)) s left)"; }
+budget() { local left=$((DEADLINE - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 1 ? left : 1)) || echo "$1"; }
 
 # build SOURCE DIR PACKAGE_DIR [extra CUDA flags]: the op library and _C of SOURCE,
 # copied into PACKAGE_DIR.
@@ -70,22 +74,46 @@ if [ $build_rc -ne 0 ]; then tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exi
 stamp built
 
 # Alone on the GPU, so nothing else disturbs the timings.
-PYTHONPATH=$PWD/python timeout 240 "$PY" benchmarks/bench_ops.py --device cuda --repeats 20 --out "$OUT" \
-  > "$OUT/bench.log" 2>&1
+PYTHONPATH=$PWD/python timeout "$(budget 200)" "$PY" benchmarks/bench_ops.py --device cuda --repeats 20 \
+  --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "benchmark rc=$?"
 if [ -n "$VARIANT_NAME" ]; then
-  PYTHONPATH=$PWD/build/variant-python timeout 120 "$PY" benchmarks/bench_ops.py --device cuda --repeats 20 \
-    --out build/variant-bench >> "$OUT/bench.log" 2>&1
+  # The main case only: the before/after of the target, in seconds.
+  PYTHONPATH=$PWD/build/variant-python timeout "$(budget 90)" "$PY" benchmarks/bench_ops.py --device cuda \
+    --repeats 20 --main-only --out build/variant-bench >> "$OUT/bench.log" 2>&1
   echo "variant ($VARIANT_NAME) benchmark rc=$?"
   cp build/variant-bench/*.md "$OUT/variant-$VARIANT_NAME.md"
 fi
 stamp benchmarked
 
+# The rest in parallel: correctness does not care about sharing the GPU.
+export PYTHONPATH=$PWD/python
+timeout "$(budget 300)" "$PY" -m pytest tests -k "cuda or build_info" -q -p no:cacheprovider -rfEs --continue-on-collection-errors \
+  --ignore tests/test_data.py --ignore tests/test_evaluate.py --ignore tests/test_train.py \
+  --ignore tests/test_cli.py > "$OUT/pytest.log" 2>&1 &
+pytest_pid=$!
+sanitize() {
+  timeout "$(budget 280)" compute-sanitizer --tool "$1" --error-exitcode 1 --print-limit 20 \
+    "$PY" scripts/cuda_sanitizer_driver.py > "build/$1.log" 2>&1
+  echo "compute-sanitizer $1 rc=$?" >> "build/$1.log"
+}
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize memcheck &
+sanitize racecheck &
+if [ -n "$VARIANT_NAME" ]; then
+  PYTHONPATH=$PWD/build/variant-python timeout "$(budget 200)" "$PY" scripts/cuda_sanitizer_driver.py \
+    > build/variant-check.log 2>&1
+  echo "variant ($VARIANT_NAME) check against the CPU rc=$?" >> build/variant-check.log
+fi
+wait $pytest_pid; echo "pytest rc=$?"
+wait
+cat build/memcheck.log build/racecheck.log build/variant-check.log > "$OUT/sanitizer.log" 2>/dev/null
+stamp checked
+
 # Why the kernels take what they take (stall reasons, occupancy), when Nsight
 # Compute is there: one sample call of the main case.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
-  PYTHONPATH=$PWD/python timeout 180 "$NCU" -k regex:'(match|overlap_key|select)_kernel' \
+  PYTHONPATH=$PWD/python timeout "$(budget 180)" "$NCU" -k regex:'(match|overlap_key|select)_kernel' \
     --launch-skip 9 --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats "$PY" scripts/profile_sample.py > "$OUT/ncu.txt" 2>&1
   echo "ncu rc=$?"
@@ -94,27 +122,6 @@ else
   echo "ncu not found: no kernel profile"
 fi
 
-# The rest in parallel: correctness does not care about sharing the GPU.
-export PYTHONPATH=$PWD/python
-timeout 330 "$PY" -m pytest tests -k "cuda or build_info" -q -p no:cacheprovider -rfEs --continue-on-collection-errors \
-  --ignore tests/test_data.py --ignore tests/test_evaluate.py --ignore tests/test_train.py \
-  --ignore tests/test_cli.py > "$OUT/pytest.log" 2>&1 &
-pytest_pid=$!
-sanitize() {
-  timeout 300 compute-sanitizer --tool "$1" --error-exitcode 1 --print-limit 20 \
-    "$PY" scripts/cuda_sanitizer_driver.py > "build/$1.log" 2>&1
-  echo "compute-sanitizer $1 rc=$?" >> "build/$1.log"
-}
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize memcheck &
-sanitize racecheck &
-if [ -n "$VARIANT_NAME" ]; then
-  PYTHONPATH=$PWD/build/variant-python "$PY" scripts/cuda_sanitizer_driver.py > build/variant-check.log 2>&1
-  echo "variant ($VARIANT_NAME) check against the CPU rc=$?" >> build/variant-check.log
-fi
-wait $pytest_pid; echo "pytest rc=$?"
-wait
-cat build/memcheck.log build/racecheck.log build/variant-check.log > "$OUT/sanitizer.log" 2>/dev/null
-stamp done
 grep -E "rc=|SUMMARY" "$OUT/sanitizer.log"
 tail -n 4 "$OUT/pytest.log"
 grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c
