@@ -662,9 +662,9 @@ unsigned int key_splits(int64_t num_examples, int64_t num_images) {
 // Dynamic shared memory that select_kernel<acc_t> may use on the current
 // device: all the device lets one block opt in to, beside the kernel's static
 // arrays. Queried and opted in (cudaFuncSetAttribute) once per device: the
-// runtime serialises that call with pending copies, so it stays off the hot
-// path. c10::call_once, not std::call_once: a throwing first try may be
-// retried without the libstdc++ hang.
+// runtime is reported to serialise that call with pending copies, so it stays
+// off the hot path. c10::call_once, not std::call_once: a throwing first try
+// may be retried without the libstdc++ hang.
 template <typename acc_t>
 int64_t select_dynamic_shared_bytes() {
   static std::array<c10::once_flag, C10_COMPILE_TIME_MAX_GPUS> opted_in;
