@@ -94,11 +94,14 @@ OS_HOST_DEVICE inline void update_max(T value, int64_t index, T& best, int64_t& 
 
 // Bin of `key` among K equal bins over [lower, upper]; the upper end itself
 // and anything above it fall in the top bin, anything at or below `lower` in
-// bin 0. An empty range (all keys equal) puts everything in bin 0.
+// bin 0. An empty range (all keys equal) puts everything in bin 0. The scaled
+// key is clamped before the int conversion: a key far above a tiny upper bound
+// scales past INT_MAX (undefined; INT_MIN on x86, an out-of-range bin), and
+// inf/inf (key and upper both +inf) is NaN; both go to the top bin.
 OS_HOST_DEVICE inline int bin_index(double key, double lower, double upper, int num_bins) {
   if (!(upper > lower) || !(key > lower)) return 0;
-  const int bin = static_cast<int>((key - lower) / (upper - lower) * num_bins);
-  return bin < num_bins - 1 ? bin : num_bins - 1;
+  const double scaled = (key - lower) / (upper - lower) * num_bins;
+  return scaled < num_bins - 1 ? static_cast<int>(scaled) : num_bins - 1;
 }
 
 // Sort key for Efraimidis-Spirakis successive sampling without replacement:

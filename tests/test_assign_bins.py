@@ -46,6 +46,15 @@ def test_max_in_top_bin_and_equal_values_share_a_bin(device):
     assert overlap_sampler.assign_bins(values, splits, num_bins=1).tolist() == [0] * 7
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_values_far_above_a_fixed_upper_fall_in_the_top_bin(device):
+    # value / upper * K beyond INT_MAX once overflowed to a negative bin.
+    values = torch.tensor([1e20, 0.5, 3e9, 2.0, 0.0], dtype=torch.float64, device=device)
+    splits = torch.tensor([0, 5], device=device)
+    assert overlap_sampler.assign_bins(values, splits, num_bins=4, upper=1.0).tolist() == [3, 2, 3, 3, 0]
+    assert overlap_sampler.assign_bins(values, splits, num_bins=8, upper=1e-12).tolist() == [7, 7, 7, 7, 0]
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

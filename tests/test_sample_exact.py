@@ -39,6 +39,8 @@ def test_matches_reference_for_every_strategy(device, neg_strategy, pos_strategy
 OPTION_VARIANTS = [
     dict(append_gt=False),
     dict(bin_upper=0.7),
+    # Keys scale to ~1e12 * K: the top bin, never an int overflow (was a crash).
+    dict(bin_upper=1e-12, num_bins=4, pos_strategy="soft"),
     dict(pos_key="all", pos_strategy="soft"),
     dict(fg_iou_thresh=0.6, bg_iou_thresh=0.4),  # ignored band between the thresholds
     dict(positive_fraction=1.0, batch_size_per_image=64),

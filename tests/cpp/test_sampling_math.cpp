@@ -103,6 +103,18 @@ TEST(BinIndex, EqualBinsWithMaxInTopBin) {
   EXPECT_EQ(os::bin_index(0.25, 0.1, 0.5, 2), 0);
 }
 
+// Keys that scale past INT_MAX (a tiny fixed upper bound) and inf / inf fall
+// in the top bin, as every key above the upper bound does.
+TEST(BinIndex, KeysFarAboveTheUpperBoundStayInTheTopBin) {
+  EXPECT_EQ(os::bin_index(3e9, 0.0, 1.0, 4), 3);
+  EXPECT_EQ(os::bin_index(1e20, 0.0, 1.0, 4), 3);
+  EXPECT_EQ(os::bin_index(0.5, 0.0, 1e-12, 64), 63);
+  EXPECT_EQ(os::bin_index(1.0, 0.0, 1e-300, 2), 1);
+  EXPECT_EQ(os::bin_index(INFINITY, 0.0, 1.0, 3), 2);
+  EXPECT_EQ(os::bin_index(INFINITY, 0.0, INFINITY, 3), 2);  // inf / inf is NaN
+  EXPECT_EQ(os::bin_index(0.5, 0.0, INFINITY, 3), 0);
+}
+
 TEST(PositiveQuota, RoundsHalfUp) {
   EXPECT_EQ(os::positive_quota(512, 0.25), 128);
   EXPECT_EQ(os::positive_quota(10, 0.25), 3);  // 2.5 -> 3
