@@ -122,6 +122,7 @@ OS_HOST_DEVICE inline uint64_t sampling_key(double u, double weight) {
     tier = 2;
     w = 1.0;
   }
+  // The platform's log (glibc / libdevice): may differ in the last bit.
   double key = (u > 0.0 ? log(u) : -INFINITY) / w;  // <= 0
   if (!(key < 0.0)) key = -0.0;                     // log(1) or NaN guard
   uint64_t bits;

@@ -27,7 +27,8 @@
 //
 // The semantics and every tie-break are those of docs/ops.md and of the CPU
 // kernel (cpp/sample_cpu.cpp); per-element arithmetic comes from
-// sampling_math.h, so the two backends produce identical outputs.
+// sampling_math.h, so the two backends produce identical outputs (but for
+// the last bit of log() in sampling keys: docs/ops.md).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
