@@ -4,9 +4,12 @@ training samples, torchvision equivalence of the "random" path, edge cases."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import warnings
 
 import pytest
 import torch
+import torchvision
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import box_iou
 
@@ -270,7 +273,9 @@ def test_install_sampler_keeps_modules_weights_and_eval_outputs():
     with torch.no_grad():
         expected = model(images)
     config = SamplerConfig(num_bins=3, batch_size_per_image=100, fg_iou_thresh=0.6, bg_iou_thresh=0.4)
-    assert install_sampler(model, config) is model
+    with pytest.warns(UserWarning, match=r"batch_size_per_image 512 -> 100, fg_iou_thresh 0.5 -> 0.6, "
+                                         r"bg_iou_thresh 0.5 -> 0.4"):
+        assert install_sampler(model, config) is model
     rh = model.roi_heads
     assert isinstance(rh, OverlapRoIHeads) and not rh.training
     for name in ("box_roi_pool", "box_head", "box_predictor", "mask_roi_pool", "mask_head", "mask_predictor"):
@@ -290,8 +295,37 @@ def test_install_sampler_keeps_modules_weights_and_eval_outputs():
         for k in e:
             assert torch.equal(e[k], g[k]), k
     # installing again only changes the settings
-    install_sampler(model, SamplerConfig.preset("random"))
+    random = dataclasses.replace(SamplerConfig.preset("random"), batch_size_per_image=100, fg_iou_thresh=0.6,
+                                 bg_iou_thresh=0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        install_sampler(model, random)
     assert model.roi_heads.sampler == "random" and model.roi_heads.box_head is plain.box_head
+
+
+def test_install_sampler_keeps_the_models_training_sample_settings():
+    kwargs = dict(box_batch_size_per_image=256, box_positive_fraction=0.5, box_fg_iou_thresh=0.6,
+                  box_bg_iou_thresh=0.4)
+    own = dict(batch_size_per_image=256, positive_fraction=0.5, fg_iou_thresh=0.6, bg_iou_thresh=0.4)
+
+    def torchvision_model():
+        return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+            weights=None, weights_backbone=None, num_classes=3, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rh = install_sampler(torchvision_model()).roi_heads
+    assert rh.sampler_config() == dataclasses.replace(SamplerConfig.preset("overlap"), **own)
+    assert rh.fg_bg_sampler.batch_size_per_image == 256 and rh.proposal_matcher.low_threshold == 0.4
+    # A config is installed as given, with a warning naming what it replaces.
+    with pytest.warns(UserWarning, match=r"batch_size_per_image 256 -> 512, positive_fraction 0.5 -> 0.25, "
+                                         r"fg_iou_thresh 0.6 -> 0.5, bg_iou_thresh 0.4 -> 0.5"):
+        rh = install_sampler(torchvision_model(), SamplerConfig.preset("overlap")).roi_heads
+    assert rh.batch_size_per_image == 512 and rh.fg_bg_sampler.batch_size_per_image == 512
+    # build_detector passes the config's values to torchvision: nothing to warn about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_detector("fasterrcnn", 2, backbone="small", sampler=SamplerConfig(batch_size_per_image=64))
 
 
 def test_install_sampler_rejects_a_model_without_roi_heads():

@@ -8,7 +8,9 @@ gather of boxes, labels, regression targets and loss weights. Everything else
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+import warnings
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -521,17 +523,42 @@ def _splits(counts: list[int], device: torch.device) -> Tensor:
 
 def install_sampler(model: nn.Module, config: Optional[SamplerConfig] = None) -> nn.Module:
     """Swap ``model.roi_heads`` (a torchvision ``RoIHeads``) for an
-    :class:`OverlapRoIHeads` with ``config`` (None = :class:`SamplerConfig`
-    defaults), in place, keeping every submodule, weight and setting.
+    :class:`OverlapRoIHeads`, in place, keeping every submodule, weight and
+    inference setting. Returns ``model``.
+
+    ``config=None`` installs the Overlap Sampler's defaults (the ``"overlap"``
+    preset) with the model's own training-sample settings: batch size per
+    image, positive fraction and IoU thresholds. A ``config`` is installed as
+    given; where its training-sample settings differ from the model's, a
+    ``UserWarning`` names each change, so a model built with, say,
+    ``box_batch_size_per_image=256`` does not silently train with 512.
 
     Calling it again on a model that already has one just changes its config.
-    Returns ``model``.
     """
-    config = SamplerConfig() if config is None else config
-    config.validate()
     roi_heads = getattr(model, "roi_heads", None)
     if not isinstance(roi_heads, RoIHeads):
         raise TypeError(f"model must have a torchvision RoIHeads as .roi_heads (a GeneralizedRCNN such as "
                         f"FasterRCNN or MaskRCNN); got {type(roi_heads).__name__}")
+    current = training_sample_settings(roi_heads)
+    if config is None:
+        config = dataclasses.replace(SamplerConfig.preset("overlap"), **current)
+    config.validate()
+    changed = [f"{name} {current[name]!r} -> {getattr(config, name)!r}" for name in current
+               if getattr(config, name) != current[name]]
+    if changed:
+        warnings.warn(f"install_sampler: the config replaces the model's {', '.join(changed)}; pass a "
+                      "SamplerConfig with the model's values (or config=None) to keep them", stacklevel=2)
     model.roi_heads = OverlapRoIHeads.from_roi_heads(roi_heads, config)
     return model
+
+
+def training_sample_settings(roi_heads: RoIHeads) -> dict[str, Any]:
+    """The training-sample settings of a torchvision ``RoIHeads``, as
+    :class:`SamplerConfig` fields: batch size per image, positive fraction
+    and the matcher's IoU thresholds."""
+    return {
+        "batch_size_per_image": int(roi_heads.fg_bg_sampler.batch_size_per_image),
+        "positive_fraction": float(roi_heads.fg_bg_sampler.positive_fraction),
+        "fg_iou_thresh": float(roi_heads.proposal_matcher.high_threshold),
+        "bg_iou_thresh": float(roi_heads.proposal_matcher.low_threshold),
+    }
