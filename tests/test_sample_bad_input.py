@@ -11,6 +11,8 @@ import overlap_sampler
 
 PROPOSALS = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]])
 GT = torch.tensor([[0.0, 0, 10, 10]])
+SPLITS = torch.tensor([0, 3])
+GT_SPLITS = torch.tensor([0, 1])
 
 
 def call(**overrides):
@@ -113,6 +115,27 @@ def test_nan_query_still_meets_the_positives_it_overlaps():
 def test_mixed_devices():
     with pytest.raises(ValueError, match="on one device"):
         call(gt_boxes=GT.cuda())
+
+
+META_MIXES = {
+    "sample": lambda o, m: o.sample(PROPOSALS, SPLITS, m(GT), GT_SPLITS),
+    "sample_splits": lambda o, m: o.sample(PROPOSALS, m(SPLITS), GT, GT_SPLITS),
+    "sample_from_uniforms": lambda o, m: o.sample_from_uniforms(
+        PROPOSALS, SPLITS, GT, GT_SPLITS, m(torch.rand(PROPOSALS.shape[0] + GT.shape[0], dtype=torch.float64))),
+    "box_iou": lambda o, m: o.box_iou(PROPOSALS, m(GT)),
+    "max_iou": lambda o, m: o.max_iou(PROPOSALS, m(SPLITS), GT, GT_SPLITS),
+    "assign_bins": lambda o, m: o.assign_bins(torch.rand(5), m(torch.tensor([0, 5]))),
+    "weighted_sample": lambda o, m: o.weighted_sample(torch.rand(5), m(torch.rand(5, dtype=torch.float64)),
+                                                      torch.tensor([0, 5]), torch.tensor([2]), 2),
+}
+
+
+@pytest.mark.parametrize("op", list(META_MIXES))
+def test_meta_tensor_beside_cpu_ones_is_an_error(op):
+    # The dispatcher sends a CPU/meta mix to the fake kernel, which used to
+    # return uninitialised CPU tensors.
+    with pytest.raises(ValueError, match="on one device, got"):
+        META_MIXES[op](overlap_sampler, lambda t: t.to("meta"))
 
 
 def test_nastiest_inputs_never_crash_the_process():

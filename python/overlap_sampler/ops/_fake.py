@@ -1,7 +1,9 @@
 """Fake (meta) kernels: output shapes and dtypes without computing anything,
 so torch.compile and torch.export can trace the ops. They repeat the C++
-shape checks with ``torch._check`` (value checks cannot run on fake tensors).
-Registered after the library is loaded (see ``ops/__init__.py``)."""
+shape and device checks with ``torch._check`` (value checks cannot run on fake
+tensors). The device check also guards eager calls that mix meta tensors with
+real ones: the dispatcher sends those here, and the outputs would otherwise be
+uninitialised tensors on the first argument's device. Registered after the library is loaded (see ``ops/__init__.py``)."""
 
 from __future__ import annotations
 
@@ -19,8 +21,20 @@ def _check_splits(splits: torch.Tensor, name: str) -> None:
     torch._check(splits.dim() == 1 and splits.shape[0] >= 1, lambda: f"{name} must be [B+1]")
 
 
+def _check_one_device(**tensors) -> None:
+    """As the C++ kernels: every tensor argument on the first one's device."""
+    names = [n for n, t in tensors.items() if t is not None]
+    first = tensors[names[0]]
+    for name in names[1:]:
+        other = tensors[name]
+        torch._check_value(other.device == first.device,
+                           lambda: f"expected {name} and {names[0]} on one device, got {other.device} and "
+                                   f"{first.device}")
+
+
 @torch.library.register_fake(_LIB + "box_iou")
 def _box_iou(boxes1, boxes2):
+    _check_one_device(boxes1=boxes1, boxes2=boxes2)
     _check_boxes(boxes1, "boxes1")
     _check_boxes(boxes2, "boxes2")
     torch._check(boxes1.dtype == boxes2.dtype, lambda: "boxes1 and boxes2 must share a dtype")
@@ -30,6 +44,8 @@ def _box_iou(boxes1, boxes2):
 @torch.library.register_fake(_LIB + "max_iou")
 def _max_iou(queries, query_splits, keys, key_splits, *, query_mask=None, key_mask=None,
              exclude_self=False):
+    _check_one_device(queries=queries, query_splits=query_splits, keys=keys, key_splits=key_splits,
+                      query_mask=query_mask, key_mask=key_mask)
     _check_boxes(queries, "queries")
     _check_boxes(keys, "keys")
     _check_splits(query_splits, "query_splits")
@@ -42,6 +58,7 @@ def _max_iou(queries, query_splits, keys, key_splits, *, query_mask=None, key_ma
 
 @torch.library.register_fake(_LIB + "assign_bins")
 def _assign_bins(values, splits, *, mask=None, num_bins=2, upper=None):
+    _check_one_device(values=values, splits=splits, mask=mask)
     torch._check(values.dim() == 1, lambda: "values must be 1-D")
     _check_splits(splits, "splits")
     torch._check(1 <= num_bins <= 64, lambda: f"num_bins must be in [1, 64], got {num_bins}")
@@ -50,12 +67,15 @@ def _assign_bins(values, splits, *, mask=None, num_bins=2, upper=None):
 
 @torch.library.register_fake(_LIB + "weighted_sample")
 def _weighted_sample(weights, uniforms, splits, counts, max_count):
+    _check_one_device(weights=weights, uniforms=uniforms, splits=splits, counts=counts)
     _check_splits(splits, "splits")
     torch._check(max_count >= 0, lambda: "max_count must be >= 0")
     return weights.new_empty((splits.shape[0] - 1, max_count), dtype=torch.int64)
 
 
 def _sample_outputs(proposals, proposal_splits, gt_boxes, gt_splits, batch_size_per_image):
+    _check_one_device(proposals=proposals, proposal_splits=proposal_splits, gt_boxes=gt_boxes,
+                      gt_splits=gt_splits)
     _check_boxes(proposals, "proposals")
     _check_boxes(gt_boxes, "gt_boxes")
     _check_splits(proposal_splits, "proposal_splits")
@@ -88,5 +108,6 @@ def _sample_from_uniforms(proposals, proposal_splits, gt_boxes, gt_splits, unifo
                           bg_iou_thresh=0.5, append_gt=True, neg_strategy="soft",
                           pos_strategy="uniform", num_bins=2, hard_thresh=0.5, bin_upper=None,
                           pos_weight=1.0, pos_key="negatives", validate=True):
+    _check_one_device(uniforms=uniforms, proposals=proposals)
     torch._check(uniforms.dim() == 1, lambda: "uniforms must be 1-D")
     return _sample_outputs(proposals, proposal_splits, gt_boxes, gt_splits, batch_size_per_image)
