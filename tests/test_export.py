@@ -19,6 +19,7 @@ from overlap_sampler.engine.export import (
     export_backbone,
     export_checkpoint,
     export_torchscript,
+    load_categories,
     no_jit_fusion,
 )
 
@@ -162,7 +163,8 @@ def checkpoint_and_data(tmp_path_factory):
     path = save_checkpoint({"format": CHECKPOINT_FORMAT, "iteration": 1,
                             "model": model.state_dict(), "config": config.to_dict(),
                             "num_classes": data.num_classes,
-                            "category_ids": list(data.category_ids)}, str(root / "run"))
+                            "category_ids": list(data.category_ids),
+                            "category_names": data.category_names}, str(root / "run"))
     return path, image_dir, annotations
 
 
@@ -173,8 +175,23 @@ def test_export_checkpoint(checkpoint_and_data, tmp_path, capsys):
     assert output == str(tmp_path / "model.pt")
     assert os.path.isfile(output) and os.path.isfile(tmp_path / "backbone.pt2")
     assert "reloaded outputs equal eager" in capsys.readouterr().out
+    # The synthetic dataset's categories, label by label, travel with the file.
+    assert load_categories(output) == [{"label": 1, "category_id": 1, "name": "rectangle"},
+                                       {"label": 2, "category_id": 2, "name": "ellipse"},
+                                       {"label": 3, "category_id": 3, "name": "triangle"}]
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         export_checkpoint(str(tmp_path / "nope.pth"), str(tmp_path / "x.pt"))
+
+
+def test_categories_of_older_checkpoints_and_files_without_them(tmp_path):
+    from overlap_sampler.engine.checkpoint import categories_of
+
+    # Checkpoints from before category_names: the id stands in for the name.
+    assert categories_of({"category_ids": [5, 10]}) == [{"label": 1, "category_id": 5, "name": "5"},
+                                                        {"label": 2, "category_id": 10, "name": "10"}]
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(tmp_path / "plain.pt"))
+    with pytest.raises(ValueError, match="has no categories.json"):
+        load_categories(str(tmp_path / "plain.pt"))
 
 
 def test_evaluate_checkpoint(checkpoint_and_data, tmp_path, capsys):

@@ -168,6 +168,7 @@ def test_fasterrcnn_train_and_eval(tiny_data, tmp_path):
 
     state = load_checkpoint(str(out / "last_checkpoint.pth"))
     assert state["iteration"] == 4 and state["num_classes"] == 4 and len(state["category_ids"]) == 3
+    assert state["category_names"] == ["rectangle", "ellipse", "triangle"]
     assert len(state["rng"]) == 1 and {"python", "numpy", "torch", "cuda"} <= state["rng"][0].keys()
     model, config = load_model_from_checkpoint(str(out / "last_checkpoint.pth"))
     assert not model.training and config == cfg

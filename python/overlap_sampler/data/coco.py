@@ -105,6 +105,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.category_ids: list[int] = sorted(self.coco.cats)
         self._label_of = {cat_id: label for label, cat_id in enumerate(self.category_ids, start=1)}
         self.num_classes = len(self.category_ids) + 1
+        # label l -> category_names[l - 1] (the id where a category has no name)
+        self.category_names: list[str] = [str(self.coco.cats[c].get("name", c)) for c in self.category_ids]
         self.image_ids: list[int] = sorted(self.coco.imgs)
 
     # ---------------------------------------------------------------- validation

@@ -10,6 +10,7 @@ and dicts, so it loads with ``torch.load(weights_only=True)`` (no pickled code i
     config            TrainConfig.to_dict()
     num_classes       int, background included
     category_ids      list: label l -> COCO category id category_ids[l - 1]
+    category_names    list: label l -> category name (optional: absent from older checkpoints)
     rng               list over ranks of {"python", "numpy", "torch", "cuda"} generator states
     data              {"seed", "position"}: the data order (see train.IterationBatchSampler)
     history           the metrics logged so far (continued by a resumed run)
@@ -149,6 +150,15 @@ def build_model_for(config: TrainConfig, num_classes: int, *, initial_weights: b
                           max_size=config.max_size)
 
 
+def categories_of(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """A checkpoint's label mapping: ``[{"label": l, "category_id": id, "name": name}, ...]`` for
+    labels 1.. (0 is the background); the name is the id as a string where the checkpoint has none."""
+    ids = [int(i) for i in state["category_ids"]]
+    names = state.get("category_names") or [str(i) for i in ids]
+    return [{"label": label, "category_id": i, "name": str(name)}
+            for label, (i, name) in enumerate(zip(ids, names), start=1)]
+
+
 def load_model_from_checkpoint(path: str, map_location: Any = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
     """Rebuild the detector saved in a training checkpoint and load its weights.
 
@@ -156,7 +166,12 @@ def load_model_from_checkpoint(path: str, map_location: Any = "cpu") -> tuple[to
     ``load_checkpoint(path)["category_ids"]`` (not attached to the model, which stays scriptable).
     Errors: ``FileNotFoundError`` / ``ValueError`` naming ``path`` (see ``load_checkpoint``).
     """
-    state = load_checkpoint(path, map_location="cpu")
+    return model_from_checkpoint_state(load_checkpoint(path, map_location="cpu"), path, map_location)
+
+
+def model_from_checkpoint_state(state: dict[str, Any], path: str,
+                                map_location: Any = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
+    """:func:`load_model_from_checkpoint` for a checkpoint already loaded (``path`` names it in errors)."""
     config = config_from_checkpoint(state)
     model = build_model_for(config, int(state["num_classes"]), initial_weights=False)
     try:

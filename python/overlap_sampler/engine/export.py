@@ -13,11 +13,15 @@ eager model's on the example images (see :func:`export_torchscript` for why exac
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
+
+# The extra file of an exported detector that maps its labels to dataset categories.
+CATEGORIES_FILE = "categories.json"
 
 _OUTPUT_KEYS = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
 
@@ -97,8 +101,12 @@ def _check_images(example_images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def export_torchscript(model: torch.nn.Module, path: str,
-                       example_images: Sequence[torch.Tensor]) -> str:
+                       example_images: Sequence[torch.Tensor], *,
+                       extra_files: Optional[dict[str, str]] = None) -> str:
     """Script ``model`` with ``torch.jit.script``, save it to ``path`` and verify the saved file.
+
+    ``extra_files`` (name -> text) are stored in the archive beside the code (``torch.jit.save``'s
+    ``_extra_files``); :func:`export_checkpoint` stores the label mapping there.
 
     The file is loaded back with ``torch.jit.load`` and run on ``example_images`` (float32
     [3, H, W] in [0, 1], on the model's device); its detections (``boxes`` float32 [n, 4]
@@ -131,7 +139,7 @@ def export_torchscript(model: torch.nn.Module, path: str,
             f"must be TorchScript-compatible (see the error below).\n{error}") from error
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    torch.jit.save(scripted, path)
+    torch.jit.save(scripted, path, _extra_files=dict(extra_files or {}))
     device = next(iter(model.parameters()), torch.empty(0)).device
     loaded = torch.jit.load(path, map_location=device)
     loaded.eval()
@@ -242,6 +250,9 @@ def export_checkpoint(checkpoint: str, output: str, *,
                       backbone_output: Optional[str] = None, device: str = "cpu") -> str:
     """Export a training checkpoint to TorchScript at ``output`` (checked against eager).
 
+    The file carries the label -> category mapping as the extra file ``categories.json``
+    (:data:`CATEGORIES_FILE`; read it with :func:`load_categories`).
+
     Args:
         checkpoint: a checkpoint written by ``overlap_sampler.engine.checkpoint.save_checkpoint``.
         output: the ``.pt`` TorchScript file to write.
@@ -252,18 +263,33 @@ def export_checkpoint(checkpoint: str, output: str, *,
     Returns:
         ``output``.
     """
-    from overlap_sampler.engine.checkpoint import load_model_from_checkpoint
+    from overlap_sampler.engine.checkpoint import categories_of, load_checkpoint, model_from_checkpoint_state
 
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
-    model, _ = load_model_from_checkpoint(checkpoint, map_location="cpu")
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    model, _ = model_from_checkpoint_state(state, checkpoint)
     model.to(device).eval()
     images = example_images(example_image_size, device=device)
-    export_torchscript(model, output, images)
-    print(f"wrote {output} (TorchScript; reloaded outputs equal eager on {len(images)} images)")
+    export_torchscript(model, output, images,
+                       extra_files={CATEGORIES_FILE: json.dumps(categories_of(state), indent=1)})
+    print(f"wrote {output} (TorchScript; reloaded outputs equal eager on {len(images)} images; "
+          f"labels -> categories in its {CATEGORIES_FILE})")
     if backbone_output is not None:
         with torch.no_grad():
             batch = model.transform(images)[0].tensors
         export_backbone(model, backbone_output, batch)
         print(f"wrote {backbone_output} (torch.export of the backbone; outputs equal eager)")
     return output
+
+
+def load_categories(path: str) -> list[dict[str, Any]]:
+    """The label mapping stored in a TorchScript file by :func:`export_checkpoint`:
+    ``[{"label": l, "category_id": id, "name": name}, ...]`` (labels from 1; 0 is the background).
+
+    Raises ``ValueError`` if the file has no such mapping (exported by other code)."""
+    extra = {CATEGORIES_FILE: ""}
+    torch.jit.load(path, map_location="cpu", _extra_files=extra)
+    if not extra[CATEGORIES_FILE]:
+        raise ValueError(f"{path} has no {CATEGORIES_FILE} (not written by export_checkpoint)")
+    return json.loads(extra[CATEGORIES_FILE])

@@ -423,7 +423,8 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
             "format": CHECKPOINT_FORMAT, "iteration": iteration, "model": core.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
             "scaler": scaler.state_dict() if use_amp else {}, "config": config.to_dict(),
-            "num_classes": num_classes, "category_ids": category_ids, "rng": rngs, "log_window": windows,
+            "num_classes": num_classes, "category_ids": category_ids,
+            "category_names": list(getattr(train_set, "category_names", [])), "rng": rngs, "log_window": windows,
             "data": {"seed": config.seed, "position": position}, "history": history,
             "elapsed": elapsed_before + (time.perf_counter() - t_start), "world_size": info.world_size,
         }
