@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from overlap_sampler.cli import build_parser, config_from_args, main
 from overlap_sampler.data import make_synthetic_coco
@@ -186,6 +187,24 @@ def test_eval_and_export_missing_checkpoint(tmp_path, capsys):
     assert "absent.pth" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--checkpoint", missing, "--val-images", "only-images"])
+
+
+def test_bad_devices_sizes_and_counts_are_named(tmp_path, capsys):
+    checkpoint = tmp_path / "exists.pth"
+    checkpoint.write_bytes(b"only its existence is checked before these errors")
+    no_cuda_device = "cuda:99" if torch.cuda.is_available() else "cuda"
+    for argv, named in [
+        (["eval", "--checkpoint", str(checkpoint), "--device", "tpu0"], "device='tpu0' is not a device"),
+        (["eval", "--checkpoint", str(checkpoint), "--device", no_cuda_device], f"device='{no_cuda_device}'"),
+        (["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.pt"), "--device", "tpu0"],
+         "device='tpu0' is not a device"),
+        (["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.pt"), "--image-size", "0"],
+         "example_image_size must be at least 32"),
+        (["demo", "--images", "0"], "images must be >= 1, got 0"),
+        (["demo", "--proposals", "-3"], "proposals must be >= 1, got -3"),
+    ]:
+        assert main(argv) == 2, argv
+        assert named in capsys.readouterr().err, argv
 
 
 def test_example_configs_load():

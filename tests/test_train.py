@@ -221,6 +221,20 @@ def test_resume_explicit_path_must_exist(tiny_data, tmp_path):
         train(cfg)
 
 
+def test_resume_from_another_architecture_is_a_clear_error(tiny_data, tmp_path):
+    # A Mask R-CNN checkpoint in the folder of a Faster R-CNN run: named, not a state_dict traceback.
+    from overlap_sampler.detection import build_detector
+    from overlap_sampler.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+
+    mask = build_detector("maskrcnn", 4, backbone="small", min_size=64, max_size=96)
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "iteration": 2, "model": mask.state_dict(),
+                     "config": tiny_settings(tiny_data, tmp_path / "run", arch="maskrcnn"), "num_classes": 4,
+                     "category_ids": [1, 2, 3]}, str(tmp_path / "run"))
+    cfg = tiny_config(tiny_data, tmp_path / "run", resume="auto")
+    with pytest.raises(ValueError, match="does not fit this run's model.*another arch"):
+        train(cfg)
+
+
 # ---------------------------------------------------------------------- exact resume (separate processes)
 RESUME_SETTINGS = dict(iterations=6, warmup_iters=2, checkpoint_every=1, log_every=2,
                        eval_at_end=False, threads=1, lr=0.01)

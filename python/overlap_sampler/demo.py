@@ -42,6 +42,9 @@ def negative_overlaps(batch, result):
 
 
 def run_demo(images: int = 8, proposals: int = 2000, gt: int = 20, seed: int = 0) -> str:
+    for name, value, low in (("images", images, 1), ("proposals", proposals, 1), ("gt", gt, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
     batch = make_batch([proposals] * images, [gt] * images, seed=seed, crowded_fraction=1 / 3,
                        canvas=1000.0)
     header = "strategy        " + " ".join(f"[{lo:.1f},{hi if hi <= 1 else 1.0:.1f})" for lo, hi in

@@ -36,12 +36,20 @@ class DistInfo:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other strings as given (checked)."""
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other strings as given (checked).
+
+    Raises ``ValueError`` naming ``device`` for a string torch cannot parse, a CUDA device on a
+    machine without CUDA, or a ``cuda:N`` beyond the GPUs present."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

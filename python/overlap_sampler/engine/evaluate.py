@@ -27,6 +27,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from .distributed import resolve_device
+
 #: The six COCO summary numbers we report, in the order of ``COCOeval.stats[0:6]``.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -242,13 +244,6 @@ def write_metrics(metrics: dict, path: str) -> str:
     return path
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; anything else as ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic",
                         val_images: Optional[str] = None, val_annotations: Optional[str] = None,
                         output_dir: Optional[str] = None, device: str = "auto",
@@ -267,11 +262,13 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic"
         the metrics dict of :func:`evaluate`.
     """
     from overlap_sampler.data import CocoDetection, synthetic_dataset
-    from overlap_sampler.engine.checkpoint import load_checkpoint, load_model_from_checkpoint
+    from overlap_sampler.engine.checkpoint import load_checkpoint, model_from_checkpoint_state
 
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
-    model, config = load_model_from_checkpoint(checkpoint, map_location="cpu")
+    target = resolve_device(device)  # before the slow part: a bad device fails at once
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    model, config = model_from_checkpoint_state(state, checkpoint)
     if dataset == "synthetic":
         if val_images is not None or val_annotations is not None:
             raise ValueError("give either dataset='synthetic' or val_images + val_annotations, "
@@ -287,7 +284,7 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic"
     else:
         raise ValueError(f"dataset must be 'synthetic' or None, got {dataset!r}")
 
-    trained_categories = load_checkpoint(checkpoint)["category_ids"]
+    trained_categories = state["category_ids"]
     with_masks = getattr(config, "arch", None) == "maskrcnn" or _has_mask_head(model)
     data = CocoDetection(image_dir, annotation_file, masks=with_masks)
     # The model's label l means trained_categories[l - 1]; evaluate() maps labels with the
@@ -295,7 +292,7 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic"
     if list(data.category_ids) != list(trained_categories):
         raise ValueError(f"{annotation_file}: categories {list(data.category_ids)} differ from the "
                          f"categories {list(trained_categories)} the checkpoint was trained on")
-    metrics = evaluate(model, data, device=resolve_device(device), batch_size=batch_size,
+    metrics = evaluate(model, data, device=target, batch_size=batch_size,
                        progress=progress)
     output_dir = output_dir or os.path.dirname(os.path.abspath(checkpoint))
     path = write_metrics(metrics, os.path.join(output_dir, "eval.json"))

@@ -258,15 +258,21 @@ def export_checkpoint(checkpoint: str, output: str, *,
         output: the ``.pt`` TorchScript file to write.
         example_image_size: size of the two synthetic images the export is verified on.
         backbone_output: also ``torch.export`` the backbone to this ``.pt2`` file.
-        device: where the verification runs (the saved module loads on any device).
+        device: where the verification runs (``"auto"``, ``"cpu"``, ``"cuda[:N]"``; the saved module
+            loads on any device).
 
     Returns:
         ``output``.
     """
     from overlap_sampler.engine.checkpoint import categories_of, load_checkpoint, model_from_checkpoint_state
+    from overlap_sampler.engine.distributed import resolve_device
 
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    device = resolve_device(device)
+    sizes = (example_image_size,) * 2 if isinstance(example_image_size, int) else tuple(example_image_size)
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 32 for s in sizes):
+        raise ValueError(f"example_image_size must be at least 32 pixels, got {example_image_size!r}")
     state = load_checkpoint(checkpoint, map_location="cpu")
     model, _ = model_from_checkpoint_state(state, checkpoint)
     model.to(device).eval()

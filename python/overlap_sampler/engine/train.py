@@ -375,7 +375,11 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
 
     start_iter, history, elapsed_before = 0, [], 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(f"resume checkpoint {resume_path} does not fit this run's model (another arch, "
+                             f"backbone or num_classes? train into another --output-dir, or drop --resume): {e}") from e
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         if use_amp and state.get("scaler"):
