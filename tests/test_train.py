@@ -202,6 +202,21 @@ def test_loader_workers_do_not_change_the_result(tiny_data, tmp_path):
         assert torch.equal(v, states[1]["model"][k]), k
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_checkpoints_get_the_mode_of_a_plain_file(tmp_path, umask, mode):
+    from overlap_sampler.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+
+    state = {"format": CHECKPOINT_FORMAT, "iteration": 1, "model": {}, "config": {}, "num_classes": 2,
+             "category_ids": [1]}
+    previous = os.umask(umask)
+    try:
+        path = save_checkpoint(state, str(tmp_path))
+    finally:
+        os.umask(previous)
+    for name in (path, str(tmp_path / "last_checkpoint.pth")):
+        assert os.stat(name).st_mode & 0o777 == mode, name
+
+
 def test_load_model_from_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_model_from_checkpoint(str(tmp_path / "missing.pth"))

@@ -70,7 +70,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------- save / load
 def _atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` into a temporary file of the same directory, then ``os.replace``: a reader (or a
-    run killed mid-write) never sees a half-written file under ``path``."""
+    run killed mid-write) never sees a half-written file under ``path``. The file gets the mode a plain
+    ``open`` would give it (0666 less the umask), not mkstemp's owner-only 0600, so that teammates who
+    can read the run's other outputs can evaluate and export its checkpoints too."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=directory)
     try:
@@ -78,11 +80,19 @@ def _atomic_save(obj: Any, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    # The umask can only be read by setting it: set, then restored at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(state: dict[str, Any], output_dir: str) -> str:
