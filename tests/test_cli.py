@@ -129,6 +129,10 @@ def test_random_sampler_refuses_settings_it_would_ignore():
     with pytest.raises(ValueError, match="neg_strategy='soft'"):
         TrainConfig.from_dict({"sampler": {"sampler": "random", "neg_strategy": "soft",
                                            "pos_strategy": "uniform", "pos_weight": 1.0}})
+    for flag, value, named in [("--num-bins", "4", "num_bins=4"), ("--hard-thresh", "0.3", "hard_thresh=0.3"),
+                               ("--bin-upper", "0.8", "bin_upper=0.8"), ("--pos-key", "all", "pos_key='all'")]:
+        with pytest.raises(ValueError, match=named):
+            parse("--sampler", "random", flag, value).validate()
 
 
 def test_dataset_paths_imply_coco():

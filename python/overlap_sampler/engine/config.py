@@ -197,10 +197,11 @@ class TrainConfig:
             bad("sampler", "a SamplerConfig")
         self.sampler.validate()
         if self.sampler.sampler == "random":
-            # torchvision's own sampling runs then: these settings would be silently ignored.
-            ignored = [f"{name}={getattr(self.sampler, name)!r}" for name, off in
-                       (("neg_strategy", "uniform"), ("pos_strategy", "uniform"), ("pos_weight", 1.0))
-                       if getattr(self.sampler, name) != off]
+            # torchvision's own sampling runs then: every method setting would be silently ignored, so
+            # each must keep the "random" preset's value.
+            preset = SamplerConfig.preset("random")
+            ignored = [f"{name}={getattr(self.sampler, name)!r}" for name in SAMPLER_METHOD_FIELDS
+                       if getattr(self.sampler, name) != getattr(preset, name)]
             if ignored:
                 raise ValueError(f"TrainConfig.sampler: sampler='random' runs torchvision's sampler, which has "
                                  f"no {', '.join(ignored)}; use sampler='overlap' with uniform strategies, "
