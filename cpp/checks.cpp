@@ -4,20 +4,25 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <string>
 
 namespace overlap_sampler {
+
+std::string dtype_of(const at::Tensor& t) {
+  return t.defined() ? std::string(c10::toString(t.scalar_type())) : std::string("None");
+}
 
 void check_boxes(const at::Tensor& boxes, const char* name) {
   TORCH_CHECK_TYPE(at::isFloatingType(boxes.scalar_type()) &&
                        boxes.scalar_type() != at::kBFloat16,
-                   name, " must be float16, float32 or float64, got ", boxes.scalar_type());
+                   name, " must be float16, float32 or float64, got ", dtype_of(boxes));
   TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 4, name,
                     " must have shape [R, 4] (x1, y1, x2, y2), got ", boxes.sizes());
 }
 
 void check_splits(const at::Tensor& splits, const at::Tensor& like, const char* name) {
   TORCH_CHECK_TYPE(splits.scalar_type() == at::kLong, name, " must be int64, got ",
-                   splits.scalar_type());
+                   dtype_of(splits));
   TORCH_CHECK_VALUE(splits.dim() == 1 && splits.size(0) >= 1, name,
                     " must be a 1-D offsets tensor [B+1], got shape ", splits.sizes());
   check_same_device(splits, name, like, "the boxes");
@@ -114,7 +119,7 @@ void check_assign_bins_args(const at::Tensor& values, const at::Tensor& splits,
                             const std::optional<at::Tensor>& mask, int64_t num_bins,
                             std::optional<double> upper) {
   TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
-                   "values must be float32 or float64, got ", values.scalar_type());
+                   "values must be float32 or float64, got ", dtype_of(values));
   TORCH_CHECK_VALUE(values.dim() == 1, "values must be 1-D, got shape ", values.sizes());
   check_splits(splits, values, "splits");
   check_mask(mask, values.size(0), values, "mask");
@@ -130,9 +135,9 @@ void check_weighted_sample_args(const at::Tensor& weights, const at::Tensor& uni
                                 const at::Tensor& splits, const at::Tensor& counts,
                                 int64_t max_count) {
   TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat || weights.scalar_type() == at::kDouble,
-                   "weights must be float32 or float64, got ", weights.scalar_type());
+                   "weights must be float32 or float64, got ", dtype_of(weights));
   TORCH_CHECK_TYPE(uniforms.scalar_type() == at::kFloat || uniforms.scalar_type() == at::kDouble,
-                   "uniforms must be float32 or float64, got ", uniforms.scalar_type());
+                   "uniforms must be float32 or float64, got ", dtype_of(uniforms));
   TORCH_CHECK_VALUE(weights.dim() == 1, "weights must be 1-D, got shape ", weights.sizes());
   TORCH_CHECK_VALUE(uniforms.dim() == 1 && uniforms.size(0) == weights.size(0),
                     "uniforms must have shape [", weights.size(0), "] like weights, got ",
@@ -140,7 +145,7 @@ void check_weighted_sample_args(const at::Tensor& weights, const at::Tensor& uni
   check_same_device(uniforms, "uniforms", weights, "weights");
   check_splits(splits, weights, "splits");
   TORCH_CHECK_TYPE(counts.scalar_type() == at::kLong, "counts must be int64, got ",
-                   counts.scalar_type());
+                   dtype_of(counts));
   TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == splits.size(0) - 1,
                     "counts must have shape [", splits.size(0) - 1,
                     "] (one per segment), got ", counts.sizes());

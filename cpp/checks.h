@@ -10,6 +10,10 @@
 
 namespace overlap_sampler {
 
+// A tensor's dtype for error messages, "None" for an undefined tensor (what
+// Python's None becomes when passed for a Tensor argument).
+std::string dtype_of(const at::Tensor& t);
+
 // boxes: [R, 4] float16/32/64. Raises TypeError/ValueError naming `name`.
 void check_boxes(const at::Tensor& boxes, const char* name);
 

@@ -88,7 +88,7 @@ int64_t check_sample_inputs(const at::Tensor& proposals, const at::Tensor& propo
                     proposal_splits.size(0) - 1, " and ", gt_splits.size(0) - 1);
   const int64_t examples = proposals.size(0) + (append_gt ? gt_boxes.size(0) : 0);
   TORCH_CHECK_TYPE(uniforms.scalar_type() == at::kDouble, "uniforms must be float64, got ",
-                   uniforms.scalar_type());
+                   dtype_of(uniforms));
   TORCH_CHECK_VALUE(uniforms.dim() == 1 && uniforms.size(0) == examples,
                     "uniforms must have shape [", examples,
                     "] (one per proposal, plus one per GT box with append_gt), got ",

@@ -183,3 +183,39 @@ def test_nastiest_inputs_never_crash_the_process():
     # Splits index memory: on the CPU they are checked even with validate=False.
     assert outcomes[2:5] == ["ValueError"] * 3
     assert outcomes[5:11] == ["ValueError"] * 6
+
+
+def test_splits_from_counts():
+    import numpy as np
+
+    expected = [0, 3, 3, 5]
+    for counts in ([3, 0, 2], (np.int64(3), 0, 2), [torch.tensor(3), 0, 2], torch.tensor([3, 0, 2]),
+                   torch.tensor([3, 0, 2], dtype=torch.int32)):
+        got = overlap_sampler.splits_from_counts(counts)
+        assert got.dtype == torch.int64 and got.tolist() == expected
+    assert overlap_sampler.splits_from_counts([]).tolist() == [0]
+    for counts, error, match in [([3, -1], ValueError, r"counts\[1\] must be >= 0, got -1"),
+                                 (torch.tensor([3, -1]), ValueError, "counts must be >= 0"),
+                                 ([1.5, 2], TypeError, r"counts\[0\] must be an integer, got 1.5"),
+                                 ([True, 2], TypeError, r"counts\[0\] must be an integer"),
+                                 (torch.tensor([1.0, 2.0]), TypeError, "integer tensor, got torch.float32"),
+                                 (torch.tensor([[1, 2]]), ValueError, "counts must be 1-D")]:
+        with pytest.raises(error, match=match):
+            overlap_sampler.splits_from_counts(counts)
+
+
+NONE_ARGUMENTS = {
+    "proposals": lambda o: o.sample(None, SPLITS, GT, GT_SPLITS),
+    "gt_splits": lambda o: o.sample(PROPOSALS, SPLITS, GT, None),
+    "uniforms": lambda o: o.sample_from_uniforms(PROPOSALS, SPLITS, GT, GT_SPLITS, None),
+    "boxes2": lambda o: o.box_iou(PROPOSALS, None),
+    "keys": lambda o: o.max_iou(PROPOSALS, SPLITS, None, GT_SPLITS),
+    "values": lambda o: o.assign_bins(None, SPLITS),
+    "counts": lambda o: o.weighted_sample(torch.rand(3), torch.rand(3, dtype=torch.float64), SPLITS, None, 1),
+}
+
+
+@pytest.mark.parametrize("argument", list(NONE_ARGUMENTS))
+def test_none_for_a_tensor_is_named(argument):
+    with pytest.raises(TypeError, match=f"{argument} must be .*, got None"):
+        NONE_ARGUMENTS[argument](overlap_sampler)

@@ -8,6 +8,7 @@ builds them). Exact semantics: ``docs/ops.md``.
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -42,7 +43,29 @@ class SampleResult(NamedTuple):
 
 
 def splits_from_counts(counts: Sequence[int] | torch.Tensor, device=None) -> torch.Tensor:
-    """Offsets ``[B+1]`` (int64) of a ragged batch whose images hold ``counts`` rows."""
+    """Offsets ``[B+1]`` (int64) of a ragged batch whose images hold ``counts`` rows.
+
+    ``counts``: non-negative integers, as a sequence or a 1-D integer tensor. A ``TypeError``
+    names a non-integer count, a ``ValueError`` a negative one (values of a tensor are checked
+    on the CPU only: reading a GPU tensor would stall the stream).
+    """
+    if isinstance(counts, torch.Tensor):
+        if counts.dtype.is_floating_point or counts.dtype.is_complex or counts.dtype == torch.bool:
+            raise TypeError(f"counts must be an integer tensor, got {counts.dtype}")
+        if counts.dim() != 1:
+            raise ValueError(f"counts must be 1-D, got shape {list(counts.shape)}")
+        if counts.device.type == "cpu" and bool((counts < 0).any()):
+            raise ValueError(f"counts must be >= 0, got {counts.tolist()}")
+    else:
+        for i, c in enumerate(counts):
+            try:
+                value = operator.index(c)  # ints, numpy ints, 0-d integer tensors; not 1.5
+            except TypeError:
+                value = None
+            if value is None or isinstance(c, bool):
+                raise TypeError(f"counts[{i}] must be an integer, got {c!r}")
+            if value < 0:
+                raise ValueError(f"counts[{i}] must be >= 0, got {value}")
     counts = torch.as_tensor(counts, dtype=torch.int64, device=device)
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
