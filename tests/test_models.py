@@ -77,11 +77,19 @@ def test_sampler_config_reaches_the_head():
     assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 256
 
 
+def _mutated_sampler(**fields) -> SamplerConfig:
+    """A config changed after construction (which validates): build_detector must check it again."""
+    config = SamplerConfig()
+    for name, value in fields.items():
+        setattr(config, name, value)
+    return config
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"arch": "retinanet"}, "arch must be one of"),
     ({"backbone": "vgg16"}, "backbone must be one of"),
     ({"num_classes": 1}, "num_classes"),
-    ({"sampler": SamplerConfig(neg_strategy="nope")}, "neg_strategy"),
+    ({"sampler": _mutated_sampler(neg_strategy="nope")}, "neg_strategy"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     args = {"arch": "fasterrcnn", "num_classes": 3, "backbone": "small", **kwargs}

@@ -51,7 +51,11 @@ def test_every_positive_strategy_is_accepted(strategy):
 ])
 def test_validate_names_the_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
-        SamplerConfig(**{field: value}).validate()
+        SamplerConfig(**{field: value})  # checked on construction
+    config = SamplerConfig()
+    setattr(config, field, value)  # ... and by validate() after a change
+    with pytest.raises(ValueError, match=field):
+        config.validate()
 
 
 def test_bg_above_fg_is_rejected():

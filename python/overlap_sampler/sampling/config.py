@@ -45,7 +45,8 @@ class SamplerConfig:
             < bg is negative, between is ignored.
 
     The defaults are the paper's best setting: soft sampling with K = 2 for
-    both negatives and positives, ε = 2.
+    both negatives and positives, ε = 2. Every field is checked on construction
+    (``ValueError`` naming the first bad one).
     """
 
     sampler: str = "overlap"
@@ -60,6 +61,10 @@ class SamplerConfig:
     positive_fraction: float = 0.25
     fg_iou_thresh: float = 0.5
     bg_iou_thresh: float = 0.5
+
+    def __post_init__(self) -> None:
+        # A bad value is named where it is written, not later at build_detector / install_sampler.
+        self.validate()
 
     def validate(self) -> "SamplerConfig":
         """Check every field; raise ``ValueError`` naming the first bad one.
