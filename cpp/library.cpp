@@ -40,7 +40,7 @@ TORCH_LIBRARY(overlap_sampler, m) {
       "weighted_sample(Tensor weights, Tensor uniforms, Tensor splits, Tensor counts, "
       "int max_count) -> Tensor");
 
-  // The Overlap Sampler for a whole batch (algorithm.md). Draws one uniform
+  // The Overlap Sampler for a whole batch (docs/ops.md). Draws one uniform
   // per example from `generator` and calls sample_from_uniforms.
   m.def(
       "sample(Tensor proposals, Tensor proposal_splits, Tensor gt_boxes, Tensor gt_splits, *, "

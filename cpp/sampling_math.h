@@ -1,6 +1,6 @@
 // Per-element formulas shared by the CPU and CUDA kernels. Everything here is
 // `inline` and host+device, so the CPU tests exercise exactly the arithmetic
-// the GPU runs (algorithm.md is the contract for the semantics).
+// the GPU runs (docs/ops.md states the semantics).
 #pragma once
 
 #include <cmath>
@@ -139,7 +139,7 @@ OS_HOST_DEVICE inline uint64_t sampling_key(double u, double weight) {
   return (tier << 62) | ordered;
 }
 
-// Positive quota of one image: round(batch_size * fraction), as algorithm.md.
+// Positive quota of one image: round(batch_size * fraction), as docs/ops.md.
 OS_HOST_DEVICE inline int64_t positive_quota(int64_t batch_size, double fraction) {
   return static_cast<int64_t>(floor(static_cast<double>(batch_size) * fraction + 0.5));
 }

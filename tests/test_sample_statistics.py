@@ -3,7 +3,7 @@
 Each image is built so that every example's label and key is known: the test recomputes them
 independently with ``torchvision.ops.box_iou`` (float64 boxes). A batch of many identical copies
 of one image in a single call gives many independent draws (images are sampled independently).
-Expectations come from the contract (docs/ops.md, ../shared/design/algorithm.md), recomputed in
+Expectations come from the contract (docs/ops.md), recomputed in
 Python here:
 
 * soft / iou_balanced: per-bin takes by water-filling (computed here by round-robin: one unit per

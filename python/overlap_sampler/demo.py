@@ -24,7 +24,7 @@ def negative_overlaps(batch, result):
     for b in range(images):
         p, n = int(result.num_pos[b]), int(result.num_neg[b])
         row = result.indices[b]
-        # Every positive of the image, sampled or not, as algorithm.md defines IoU_p,n.
+        # Every positive of the image, sampled or not, as docs/ops.md defines IoU_p,n.
         image_rows = torch.cat([torch.arange(int(ps[b]), int(ps[b + 1])),
                                 n_total + torch.arange(int(gs[b]), int(gs[b + 1]))])
         iou_gt, _ = max_iou(examples[image_rows], torch.tensor([0, image_rows.numel()]), gt[gs[b]:gs[b + 1]],

@@ -501,7 +501,7 @@ def sample_from_uniforms(
     pos_key: str = "negatives",
     validate: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Overlap Sampler for a batch, given one uniform per example (docs/ops.md, algorithm.md).
+    """The Overlap Sampler for a batch, given one uniform per example (docs/ops.md).
 
     Per image b, independently:
 
@@ -609,7 +609,7 @@ def sample_from_uniforms(
         if append_gt:
             matched[n_b:] = torch.arange(g0, g1, device=device)
         iou_g64 = iou_g.to(torch.float64)  # thresholds are doubles: compare as the kernels do
-        # A proposal is positive only with a GT to match (algorithm.md: an image without GT has only negatives;
+        # A proposal is positive only with a GT to match (docs/ops.md: an image without GT has only negatives;
         # this matters only for fg_iou_thresh == 0, where IoU 0 >= fg would otherwise make GT-less positives).
         positive = is_gt | ((iou_g64 >= fg_iou_thresh) & (matched >= 0))
         negative = ~positive & (iou_g64 < bg_iou_thresh)

@@ -122,7 +122,7 @@ TEST(PositiveQuota, RoundsHalfUp) {
   EXPECT_EQ(os::positive_quota(7, 1.0), 7);
 }
 
-// The straightforward water-filling of algorithm.md: equal shares, unused
+// The straightforward water-filling of docs/ops.md (the paper's Eq. 2): equal shares, unused
 // shares spread again over bins with candidates left, one unit at a time.
 static std::vector<int64_t> water_fill_by_units(const std::vector<int64_t>& counts, int64_t quota) {
   std::vector<int64_t> take(counts.size(), 0);

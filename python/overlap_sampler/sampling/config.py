@@ -3,8 +3,7 @@
 A :class:`SamplerConfig` is what a training config, a checkpoint and the CLI
 carry around; :func:`overlap_sampler.detection.install_sampler` turns it into
 the attributes of an :class:`~overlap_sampler.detection.OverlapRoIHeads`.
-Semantics of every field: ``docs/ops.md`` (the ``sample`` op) and the design
-note ``algorithm.md``.
+Semantics of every field: ``docs/ops.md`` (the ``sample`` op).
 """
 
 from __future__ import annotations
