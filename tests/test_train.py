@@ -346,3 +346,16 @@ def test_ddp_resume_is_bit_identical(tiny_data, tmp_path):
     run_torchrun(["train", *cli_args(tiny_settings(tiny_data, parts, **settings)), "--resume", "auto"])
     assert_same_training_state(load_checkpoint(str(full / "last_checkpoint.pth")),
                                load_checkpoint(str(parts / "last_checkpoint.pth")))
+
+
+def test_loss_curve_with_and_without_history(tmp_path):
+    import warnings
+
+    from overlap_sampler.engine.train import plot_loss_curve
+
+    history = [{"iteration": i, "lr": 0.01, "loss": 2.0 / i, "loss_classifier": 1.0 / i} for i in (1, 2, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" before the first log line
+        for name, h in (("empty.png", []), ("curve.png", history)):
+            plot_loss_curve(h, str(tmp_path / name))
+            assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -271,7 +271,8 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str) -> None:
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("loss (mean over each log window)")
     ax_loss.grid(True, which="both", alpha=0.3)
-    ax_loss.legend(fontsize=8)
+    if history:  # a checkpoint before the first log line has nothing to label
+        ax_loss.legend(fontsize=8)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("iteration")
     ax_lr.grid(True, alpha=0.3)
