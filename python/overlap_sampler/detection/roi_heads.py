@@ -53,9 +53,11 @@ class OverlapRoIHeads(RoIHeads):
         sampler, or None (the default) for the global RNG, so ``torch.manual_seed``
         makes training reproducible. Not used under TorchScript (global RNG).
       * ``validate_inputs``: let the op check box values and splits (default
-        True). On CUDA those checks read values on the host; set False to keep
-        the step asynchronous (the splits built here are always consistent and
-        torchvision's ``GeneralizedRCNN`` already rejects degenerate GT boxes).
+        True). On CUDA those checks read values on the host; set False to skip
+        them (the splits built here are always consistent and torchvision's
+        ``GeneralizedRCNN`` already rejects degenerate GT boxes). The head
+        still reads the per-image sample counts once per step, to cut the
+        batch into torchvision's per-image lists.
     """
 
     # TorchScript reads attribute types from the class annotations, and a
