@@ -15,6 +15,7 @@ from torchvision.ops import box_iou
 
 import overlap_sampler
 from overlap_sampler.detection import OverlapRoIHeads, build_detector, install_sampler
+from overlap_sampler.detection.roi_heads import training_sample_settings
 from overlap_sampler.sampling import SamplerConfig
 from overlap_sampler.testing import make_batch
 
@@ -331,8 +332,39 @@ def test_install_sampler_keeps_the_models_training_sample_settings():
 def test_install_sampler_rejects_a_model_without_roi_heads():
     with pytest.raises(TypeError, match="roi_heads"):
         install_sampler(torch.nn.Linear(2, 2), SamplerConfig())
+    model = build_detector("fasterrcnn", 2, backbone="small")
+    invalid = SamplerConfig()
+    invalid.num_bins = 0  # changed after construction, which validates
     with pytest.raises(ValueError, match="num_bins"):
-        install_sampler(build_detector("fasterrcnn", 2, backbone="small"), SamplerConfig(num_bins=0))
+        install_sampler(model, invalid)
+
+
+def test_install_sampler_on_custom_and_overlap_heads():
+    class WrappedSampler:  # a user's fg_bg_sampler without torchvision's attributes
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, labels):
+            return self.inner(labels)
+
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3, box_fg_iou_thresh=0.6)
+    model.roi_heads.fg_bg_sampler = WrappedSampler(model.roi_heads.fg_bg_sampler)
+    assert training_sample_settings(model.roi_heads) == {"fg_iou_thresh": 0.6, "bg_iou_thresh": 0.5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rh = install_sampler(model).roi_heads  # the matcher's 0.6 is kept, the rest are the defaults
+    assert (rh.fg_iou_thresh, rh.batch_size_per_image) == (0.6, 512)
+    # Installing again with config=None keeps an OverlapRoIHeads' whole config, edits included.
+    install_sampler(model, dataclasses.replace(SamplerConfig.preset("random"), fg_iou_thresh=0.6))
+    model.roi_heads.batch_size_per_image = 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rh = install_sampler(model).roi_heads
+    assert rh.sampler == "random" and rh.batch_size_per_image == 64 and rh.fg_bg_sampler.batch_size_per_image == 64
+    # Printing works even after an invalid edit.
+    rh.num_bins = 0
+    assert "num_bins=0" in repr(rh)
 
 
 def test_mismatched_labels_are_rejected():

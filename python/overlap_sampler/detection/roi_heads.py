@@ -174,7 +174,9 @@ class OverlapRoIHeads(RoIHeads):
         )
 
     def extra_repr(self) -> str:
-        return f"sampler_config={self.sampler_config()}"
+        # The attributes as they are: printing must work even after an invalid edit.
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(SamplerConfig))
+        return f"sampler_config=SamplerConfig({fields})"
 
     @torch.jit.unused
     def _eager_generator(self) -> Optional[torch.Generator]:
@@ -529,13 +531,12 @@ def install_sampler(model: nn.Module, config: Optional[SamplerConfig] = None) ->
     inference setting. Returns ``model``.
 
     ``config=None`` installs the Overlap Sampler's defaults (the ``"overlap"``
-    preset) with the model's own training-sample settings: batch size per
-    image, positive fraction and IoU thresholds. A ``config`` is installed as
-    given; where its training-sample settings differ from the model's, a
-    ``UserWarning`` names each change, so a model built with, say,
-    ``box_batch_size_per_image=256`` does not silently train with 512.
-
-    Calling it again on a model that already has one just changes its config.
+    preset) with the head's own training-sample settings: batch size per
+    image, positive fraction and IoU thresholds (an :class:`OverlapRoIHeads`
+    keeps its whole config). A ``config`` is installed as given; where its
+    training-sample settings differ from the head's, a ``UserWarning`` names
+    each change, so a model built with, say, ``box_batch_size_per_image=256``
+    does not silently train with 512.
     """
     roi_heads = getattr(model, "roi_heads", None)
     if not isinstance(roi_heads, RoIHeads):
@@ -543,7 +544,8 @@ def install_sampler(model: nn.Module, config: Optional[SamplerConfig] = None) ->
                         f"FasterRCNN or MaskRCNN); got {type(roi_heads).__name__}")
     current = training_sample_settings(roi_heads)
     if config is None:
-        config = dataclasses.replace(SamplerConfig.preset("overlap"), **current)
+        base = roi_heads.sampler_config() if isinstance(roi_heads, OverlapRoIHeads) else SamplerConfig()
+        config = dataclasses.replace(base, **current)
     config.validate()
     changed = [f"{name} {current[name]!r} -> {getattr(config, name)!r}" for name in current
                if getattr(config, name) != current[name]]
@@ -555,12 +557,24 @@ def install_sampler(model: nn.Module, config: Optional[SamplerConfig] = None) ->
 
 
 def training_sample_settings(roi_heads: RoIHeads) -> dict[str, Any]:
-    """The training-sample settings of a torchvision ``RoIHeads``, as
-    :class:`SamplerConfig` fields: batch size per image, positive fraction
-    and the matcher's IoU thresholds."""
-    return {
-        "batch_size_per_image": int(roi_heads.fg_bg_sampler.batch_size_per_image),
-        "positive_fraction": float(roi_heads.fg_bg_sampler.positive_fraction),
-        "fg_iou_thresh": float(roi_heads.proposal_matcher.high_threshold),
-        "bg_iou_thresh": float(roi_heads.proposal_matcher.low_threshold),
+    """The training-sample settings of a ``RoIHeads``, as :class:`SamplerConfig`
+    fields: batch size per image, positive fraction and the matcher's IoU
+    thresholds. An :class:`OverlapRoIHeads` gives its own attributes; a
+    torchvision head, what its ``fg_bg_sampler`` and ``proposal_matcher``
+    hold, leaving out what a custom replacement of either does not have."""
+    if isinstance(roi_heads, OverlapRoIHeads):
+        config = roi_heads.sampler_config()
+        return {name: getattr(config, name) for name in
+                ("batch_size_per_image", "positive_fraction", "fg_iou_thresh", "bg_iou_thresh")}
+    sources = {
+        "batch_size_per_image": (roi_heads.fg_bg_sampler, "batch_size_per_image", int),
+        "positive_fraction": (roi_heads.fg_bg_sampler, "positive_fraction", float),
+        "fg_iou_thresh": (roi_heads.proposal_matcher, "high_threshold", float),
+        "bg_iou_thresh": (roi_heads.proposal_matcher, "low_threshold", float),
     }
+    settings: dict[str, Any] = {}
+    for name, (owner, attribute, kind) in sources.items():
+        value = getattr(owner, attribute, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            settings[name] = kind(value)
+    return settings
