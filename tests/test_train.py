@@ -246,8 +246,21 @@ def test_resume_from_another_architecture_is_a_clear_error(tiny_data, tmp_path):
                      "config": tiny_settings(tiny_data, tmp_path / "run", arch="maskrcnn"), "num_classes": 4,
                      "category_ids": [1, 2, 3]}, str(tmp_path / "run"))
     cfg = tiny_config(tiny_data, tmp_path / "run", resume="auto")
-    with pytest.raises(ValueError, match="does not fit this run's model.*another arch"):
+    with pytest.raises(ValueError, match=r"does not fit this run's model \(arch 'maskrcnn' there, 'fasterrcnn' here\)"):
         train(cfg)
+
+
+def test_checkpoint_configs_of_older_versions_still_load(tmp_path):
+    from overlap_sampler.engine.checkpoint import config_from_checkpoint
+
+    # sampler='random' with method settings it ignores: accepted before they became errors.
+    old = {"sampler": {"sampler": "random", "neg_strategy": "soft", "num_bins": 4, "pos_weight": 2.0,
+                       "batch_size_per_image": 64}}
+    config = config_from_checkpoint({"config": old}, "old.pth")
+    assert config.sampler.sampler == "random" and config.sampler.num_bins == 2
+    assert config.sampler.neg_strategy == "uniform" and config.sampler.batch_size_per_image == 64
+    with pytest.raises(ValueError, match=r"checkpoint bad.pth: its config is not valid: .*num_bins"):
+        config_from_checkpoint({"config": {"sampler": {"num_bins": 0}}}, "bad.pth")
 
 
 # ---------------------------------------------------------------------- exact resume (separate processes)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, apply_preset
 
 CHECKPOINT_FORMAT = 1
 LAST = "last_checkpoint.pth"
@@ -144,9 +144,20 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     return state
 
 
-def config_from_checkpoint(state: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig a checkpoint was trained with."""
-    return TrainConfig.from_dict(state["config"])
+def config_from_checkpoint(state: dict[str, Any], path: str = "") -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with (``path`` names it in errors).
+
+    With ``sampler='random'``, older versions accepted method settings that torchvision's sampler
+    ignores (``num_bins`` and the like); they never took effect, so they read as the preset's values.
+    """
+    settings = dict(state["config"])
+    sampler = settings.get("sampler")
+    if isinstance(sampler, dict) and sampler.get("sampler") == "random":
+        settings["sampler"] = apply_preset(dict(sampler), "random")
+    try:
+        return TrainConfig.from_dict(settings)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path or '(in memory)'}: its config is not valid: {e}") from e
 
 
 def build_model_for(config: TrainConfig, num_classes: int, *, initial_weights: bool = True) -> torch.nn.Module:
@@ -182,7 +193,7 @@ def load_model_from_checkpoint(path: str, map_location: Any = "cpu") -> tuple[to
 def model_from_checkpoint_state(state: dict[str, Any], path: str,
                                 map_location: Any = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
     """:func:`load_model_from_checkpoint` for a checkpoint already loaded (``path`` names it in errors)."""
-    config = config_from_checkpoint(state)
+    config = config_from_checkpoint(state, path)
     model = build_model_for(config, int(state["num_classes"]), initial_weights=False)
     try:
         model.load_state_dict(state["model"])

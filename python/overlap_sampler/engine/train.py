@@ -37,8 +37,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import distributed as D
-from .checkpoint import (CHECKPOINT_FORMAT, LAST, build_model_for, get_rng_state, load_checkpoint,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CHECKPOINT_FORMAT, LAST, build_model_for, config_from_checkpoint, get_rng_state,
+                         load_checkpoint, save_checkpoint, set_rng_state)
 from .config import TrainConfig
 
 LOGGER_NAME = "overlap_sampler.train"
@@ -339,7 +339,7 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     if resume_path is not None:
         state = load_checkpoint(resume_path)
         logger.info("resuming from %s (iteration %d)", resume_path, state["iteration"])
-        old = state["config"]
+        old = config_from_checkpoint(state, resume_path).to_dict()
         new = config.to_dict()
         changed = [k for k in _RESULT_FIELDS if old.get(k) != new.get(k)]
         if changed:
@@ -379,8 +379,12 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
-            raise ValueError(f"resume checkpoint {resume_path} does not fit this run's model (another arch, "
-                             f"backbone or num_classes? train into another --output-dir, or drop --resume): {e}") from e
+            trained = config_from_checkpoint(state, resume_path)
+            differ = [f"{k} {getattr(trained, k)!r} there, {getattr(config, k)!r} here" for k in ("arch", "backbone")
+                      if getattr(trained, k) != getattr(config, k)]
+            raise ValueError(f"resume checkpoint {resume_path} does not fit this run's model"
+                             f"{' (' + '; '.join(differ) + ')' if differ else ''}; train into another "
+                             f"--output-dir, or drop --resume: {e}") from e
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         if use_amp and state.get("scaler"):
