@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+import uuid
 from typing import Any
 
 import numpy as np
@@ -70,29 +70,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------- save / load
 def _atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` into a temporary file of the same directory, then ``os.replace``: a reader (or a
-    run killed mid-write) never sees a half-written file under ``path``. The file gets the mode a plain
-    ``open`` would give it (0666 less the umask), not mkstemp's owner-only 0600, so that teammates who
-    can read the run's other outputs can evaluate and export its checkpoints too."""
+    run killed mid-write) never sees a half-written file under ``path``. The temporary file is created
+    with mode 0666, which the kernel reduces by the umask, as for a plain ``open`` (mkstemp's owner-only
+    0600 would keep teammates who read the run's other outputs from evaluating its checkpoints)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=directory)
+    tmp = os.path.join(directory, f".tmp_{os.getpid()}_{uuid.uuid4().hex}.pth")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def _umask() -> int:
-    # The umask can only be read by setting it: set, then restored at once.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def save_checkpoint(state: dict[str, Any], output_dir: str) -> str:

@@ -3,7 +3,8 @@ so torch.compile and torch.export can trace the ops. They repeat the C++
 shape and device checks with ``torch._check`` (value checks cannot run on fake
 tensors). The device check also guards eager calls that mix meta tensors with
 real ones: the dispatcher sends those here, and the outputs would otherwise be
-uninitialised tensors on the first argument's device. Registered after the library is loaded (see ``ops/__init__.py``)."""
+uninitialised tensors on the first argument's device. Registered after the
+library is loaded (see ``ops/__init__.py``)."""
 
 from __future__ import annotations
 
