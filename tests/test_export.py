@@ -192,6 +192,9 @@ def test_categories_of_older_checkpoints_and_files_without_them(tmp_path):
     torch.jit.save(torch.jit.script(torch.nn.Identity()), str(tmp_path / "plain.pt"))
     with pytest.raises(ValueError, match="has no categories.json"):
         load_categories(str(tmp_path / "plain.pt"))
+    (tmp_path / "text.pt").write_text("not an archive")
+    with pytest.raises(ValueError, match="is not a TorchScript archive"):
+        load_categories(str(tmp_path / "text.pt"))
 
 
 def test_evaluate_checkpoint(checkpoint_and_data, tmp_path, capsys):

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import warnings
+import zipfile
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -293,9 +294,15 @@ def load_categories(path: str) -> list[dict[str, Any]]:
     """The label mapping stored in a TorchScript file by :func:`export_checkpoint`:
     ``[{"label": l, "category_id": id, "name": name}, ...]`` (labels from 1; 0 is the background).
 
-    Raises ``ValueError`` if the file has no such mapping (exported by other code)."""
-    extra = {CATEGORIES_FILE: ""}
-    torch.jit.load(path, map_location="cpu", _extra_files=extra)
-    if not extra[CATEGORIES_FILE]:
-        raise ValueError(f"{path} has no {CATEGORIES_FILE} (not written by export_checkpoint)")
-    return json.loads(extra[CATEGORIES_FILE])
+    Read straight from the zip archive (``<archive>/extra/categories.json``): the model is not
+    loaded, so this needs neither the ops nor the time to deserialise the weights.
+    Raises ``ValueError`` if ``path`` is not such an archive or has no mapping.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.split("/")[1:] == ["extra", CATEGORIES_FILE]]
+            if not names:
+                raise ValueError(f"{path} has no {CATEGORIES_FILE} (not written by export_checkpoint)")
+            return json.loads(archive.read(names[0]))
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path} is not a TorchScript archive ({e})") from e
