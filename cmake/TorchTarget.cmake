@@ -1,8 +1,9 @@
 # torch::torch (and torch::torch_cuda) imported targets built from what the
 # installed torch reports about itself, the way torch.utils.cpp_extension does.
 # Why not find_package(Torch): with a CUDA build of torch, Caffe2's CMake wants
-# a full CUDA toolkit (nvrtc, cuDNN, ...) even for a CPU build, and rewrites
-# the architecture list (see ../shared/design/toolchain.md, pitfalls 1-3).
+# a full CUDA toolkit (nvrtc, cuDNN, ...) even for a CPU build, fails where the
+# toolkit has only nvcc and cudart, and rewrites the architecture list from
+# TORCH_CUDA_ARCH_LIST (whose default, 5.0, nvcc 13 rejects).
 execute_process(
   COMMAND "${Python_EXECUTABLE}" -c
     "import os, torch, torch.utils.cpp_extension as e; \

@@ -42,7 +42,7 @@ def negative_overlaps(batch, result):
 
 
 def run_demo(images: int = 8, proposals: int = 2000, gt: int = 20, seed: int = 0) -> str:
-    for name, value, low in (("images", images, 1), ("proposals", proposals, 1), ("gt", gt, 1)):
+    for name, value, low in (("images", images, 1), ("proposals", proposals, 1), ("gt", gt, 0)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     batch = make_batch([proposals] * images, [gt] * images, seed=seed, crowded_fraction=1 / 3,

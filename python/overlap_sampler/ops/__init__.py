@@ -58,12 +58,12 @@ def splits_from_counts(counts: Sequence[int] | torch.Tensor, device=None) -> tor
             raise ValueError(f"counts must be >= 0, got {counts.tolist()}")
     else:
         for i, c in enumerate(counts):
+            if isinstance(c, bool):
+                raise TypeError(f"counts[{i}] must be an integer, got {c!r}")
             try:
                 value = operator.index(c)  # ints, numpy ints, 0-d integer tensors; not 1.5
             except TypeError:
-                value = None
-            if value is None or isinstance(c, bool):
-                raise TypeError(f"counts[{i}] must be an integer, got {c!r}")
+                raise TypeError(f"counts[{i}] must be an integer, got {c!r}") from None
             if value < 0:
                 raise ValueError(f"counts[{i}] must be >= 0, got {value}")
     counts = torch.as_tensor(counts, dtype=torch.int64, device=device)
