@@ -48,6 +48,10 @@ OPTION_VARIANTS = [
     dict(batch_size_per_image=0),
     dict(batch_size_per_image=4000),  # more than every candidate
     dict(num_bins=64, neg_strategy="soft_reference"),
+    dict(neg_strategy="iou_balanced", bin_upper=0.3),
+    dict(pos_weight=0.5),  # epsilon below 1 down-weights
+    dict(pos_weight=0.0),  # ... down to 0, which must not read as padding
+    dict(fg_iou_thresh=0.0, bg_iou_thresh=0.0, positive_fraction=1.0),  # every proposal with a GT positive
 ]
 
 
@@ -61,6 +65,23 @@ def test_matches_reference_for_options_and_dtypes(device, options, dtype):
     options = dict(dict(pos_weight=3.0), **options)
     got = overlap_sampler.sample_from_uniforms(*[t.to(device) for t in batch], uniforms.to(device), **options)
     assert_same(got, reference.sample_from_uniforms(*batch, uniforms, **options))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_duplicated_gt_boxes_match_reference(device):
+    # Equal IoUs with two GT rows: matched to the lower row, epsilon per GT row.
+    proposals, ps, gt, gs = make_batch([200, 150], [4, 3], seed=8)
+    gt = torch.cat([gt[:4], gt[1:3], gt[4:], gt[4:5]])  # image 0: rows 1, 2 twice; image 1: row 0 twice
+    gs = torch.tensor([0, 6, 10])
+    uniforms = torch.rand(proposals.shape[0] + gt.shape[0], dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(4))
+    options = dict(batch_size_per_image=64, pos_strategy="soft", pos_weight=2.0)
+    got = overlap_sampler.sample_from_uniforms(proposals.to(device), ps.to(device), gt.to(device), gs.to(device),
+                                               uniforms.to(device), **options)
+    assert_same(got, reference.sample_from_uniforms(proposals, ps, gt, gs, uniforms, **options))
+    # A proposal's tie between a GT row and its duplicate goes to the lower row (a GT copy keeps its own).
+    matched = got.matched_gt.cpu()[0][got.indices.cpu()[0] < proposals.shape[0]]
+    assert (matched >= 0).any() and not ((matched == 4) | (matched == 5)).any()
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

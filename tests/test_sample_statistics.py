@@ -624,11 +624,11 @@ def _expected_weights(img, local_row, num_pos, pos_weight):
     ("linear", 4, 0.25),    # a single positive
     ("uniform", 64, 0.5),   # every example, with padding
 ])
-def test_pos_weight_on_best_sampled_positive_per_gt(device, pos_strategy, width, fraction):
+@pytest.mark.parametrize("pos_weight", [2.5, 0.5])  # epsilon above and below 1
+def test_pos_weight_on_best_sampled_positive_per_gt(device, pos_strategy, width, fraction, pos_weight):
     img = EPS
     assert img.matched[3] == 0 and math.isclose(float(img.iou_g[3]), 0.6)
     assert float(img.iou_g[1]) == float(img.iou_g[2])
-    pos_weight = 2.5
     copies = 1500
     res, local, _ = run_batch(img, copies, seed=70, device=device, batch_size_per_image=width,
                               positive_fraction=fraction, pos_strategy=pos_strategy,

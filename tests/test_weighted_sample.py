@@ -435,3 +435,19 @@ def test_good_arguments_pass():
 def test_bad_inputs_raise_naming_the_argument(override, error, match):
     with pytest.raises(error, match=match):
         _call(**override)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_segment_takes_its_own_count(device):
+    # Counts below each segment's size and all different, the first and last segments included,
+    # so a kernel that reads one segment's count for another (or ignores it) is caught.
+    g = torch.Generator().manual_seed(21)
+    sizes = [9, 6, 11, 8, 10]
+    counts = [4, 1, 7, 3, 6]
+    w = torch.rand(sum(sizes), dtype=torch.float64, generator=g) * 3 + 0.1
+    u = torch.rand(sum(sizes), dtype=torch.float64, generator=g)
+    splits = overlap_sampler.splits_from_counts(sizes)
+    out = overlap_sampler.weighted_sample(w.to(device), u.to(device), splits.to(device),
+                                          torch.tensor(counts, device=device), 8).cpu()
+    assert (out >= 0).sum(1).tolist() == counts
+    assert out.tolist() == expected_draws(w.tolist(), u.tolist(), splits.tolist(), counts, 8)

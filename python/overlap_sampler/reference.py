@@ -608,11 +608,15 @@ def sample_from_uniforms(
         matched = torch.where(matched >= 0, matched + g0, matched)
         if append_gt:
             matched[n_b:] = torch.arange(g0, g1, device=device)
-        iou_g64 = iou_g.to(torch.float64)  # thresholds are doubles: compare as the kernels do
+        # Thresholds are converted to the IoU's type before comparing (docs/ops.md), as torchvision's Matcher
+        # does by comparing its float IoUs with Python floats: a box whose IoU is exactly 0.7 in float32 is
+        # positive for fg_iou_thresh=0.7, although float32(0.7) < 0.7 as doubles.
+        fg = torch.tensor(fg_iou_thresh, dtype=acc)
+        bg = torch.tensor(bg_iou_thresh, dtype=acc)
         # A proposal is positive only with a GT to match (docs/ops.md: an image without GT has only negatives;
         # this matters only for fg_iou_thresh == 0, where IoU 0 >= fg would otherwise make GT-less positives).
-        positive = is_gt | ((iou_g64 >= fg_iou_thresh) & (matched >= 0))
-        negative = ~positive & (iou_g64 < bg_iou_thresh)
+        positive = is_gt | ((iou_g >= fg) & (matched >= 0))
+        negative = ~positive & (iou_g < bg)
         pos = torch.nonzero(positive).squeeze(1)
         neg = torch.nonzero(negative).squeeze(1)
 

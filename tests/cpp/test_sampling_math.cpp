@@ -101,6 +101,10 @@ TEST(BinIndex, EqualBinsWithMaxInTopBin) {
   EXPECT_EQ(os::bin_index(0.4, 0.4, 0.4, 4), 0);   // all keys equal
   EXPECT_EQ(os::bin_index(0.55, 0.1, 0.5, 2), 1);  // soft_reference range
   EXPECT_EQ(os::bin_index(0.25, 0.1, 0.5, 2), 0);
+  // A key exactly on an inner edge belongs to the bin above it (bins are [lo, hi)).
+  EXPECT_EQ(os::bin_index(0.25, 0.0, 0.5, 2), 1);
+  EXPECT_EQ(os::bin_index(0.5, 0.0, 2.0, 4), 1);
+  EXPECT_EQ(os::bin_index(1.5, 0.0, 2.0, 4), 3);
 }
 
 // Keys that scale past INT_MAX (a tiny fixed upper bound) and inf / inf fall
