@@ -135,3 +135,39 @@ def test_boxes_overlapping_by_one_ulp_have_a_positive_key(device, dtype):
                                                gt_splits.to(device), uniforms.to(device), **options)
     assert_same(got, reference.sample_from_uniforms(proposals, splits, gt, gt_splits, uniforms, **options))
     assert int(got.num_neg[0]) == 8 and sorted(got.indices[0, 2:].tolist()) == list(range(1, 9))
+
+
+# float32: the widest box spans [X1, X2], and X2 - X1 rounds so that (one ulp below X2) - width
+# rounds *above* X1 (found by search). A sweep whose window bound has no rounding margin loses the
+# one-ulp overlap of a box starting one ulp below X2 with that widest box.
+X1, X2, JUST_BELOW_X2 = -617495.9375, 455737.375, 455737.34375
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("swept", ["negatives", "positives"])
+def test_one_ulp_overlap_with_the_widest_box_at_the_rounding_edge(device, swept):
+    f32 = torch.float32
+    assert torch.nextafter(torch.tensor(X2, dtype=f32), torch.tensor(0.0, dtype=f32)).item() == JUST_BELOW_X2
+    width = torch.tensor(X2, dtype=f32) - torch.tensor(X1, dtype=f32)
+    assert (torch.tensor(JUST_BELOW_X2, dtype=f32) - width).item() > X1  # the rounding this test is about
+    wide, near = [X1, 200.0, X2, 300.0], [JUST_BELOW_X2, 200.0, JUST_BELOW_X2 + 100, 300.0]
+    far = [[-9e5 + 20 * i, 0.0, -9e5 + 20 * i + 10, 10.0] for i in range(20)]
+    if swept == "negatives":  # many negatives, the wide one among them; the GT (and its copy) is `near`
+        proposals, gt, target, num_pos = [near, wide] + far, [near], 1, 2
+    else:  # many positives (copies of the wide GT), two negatives: `near` and a far one
+        proposals, gt, target, num_pos = [wide] * 20 + [near, far[0]], [wide], 20, 21
+    copies = 40
+    proposals = torch.tensor(proposals, dtype=f32).repeat(copies, 1)
+    gt = torch.tensor(gt, dtype=f32).repeat(copies, 1)
+    n = proposals.shape[0] // copies
+    ps, gs = overlap_sampler.splits_from_counts([n] * copies), overlap_sampler.splits_from_counts([1] * copies)
+    uniforms = torch.rand(proposals.shape[0] + copies, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(6))
+    # One negative per image, by `linear`: the only negative with a positive key (tiny) comes first.
+    options = dict(batch_size_per_image=num_pos + 1, positive_fraction=1.0, neg_strategy="linear")
+    got = overlap_sampler.sample_from_uniforms(proposals.to(device), ps.to(device), gt.to(device), gs.to(device),
+                                               uniforms.to(device), **options)
+    assert_same(got, reference.sample_from_uniforms(proposals, ps, gt, gs, uniforms, **options))
+    assert (got.num_pos == num_pos).all() and (got.num_neg == 1).all()
+    drawn = got.indices.cpu()[:, num_pos] - torch.arange(copies) * n
+    assert (drawn == target).all()
