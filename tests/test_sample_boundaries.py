@@ -2,9 +2,10 @@
 exactly, boxes that overlap by one ulp, and long thin boxes (the CPU's x-sweep prunes by width, so
 boxes as wide as they are tall cannot tell a width bound from a height bound).
 
-Boxes have integer coordinates with a 100 x 100 GT, so every IoU named below (0.25, 0.3, 0.4, 0.5,
-0.7) is the correctly rounded quotient of two exact areas, in float32 as in float64. Expectations are
-worked out by hand, and where a batch is random, also compared with the per-image reference.
+The threshold, hard and bin-edge tests use integer boxes and a 100 x 100 GT, so every IoU they name
+(0.25, 0.3, 0.4, 0.5, 0.7) is the correctly rounded quotient of two exact areas, in float32 as in
+float64. Expectations are worked out by hand; calls given their uniforms are also compared with the
+per-image reference.
 """
 
 from __future__ import annotations
