@@ -1,0 +1,143 @@
+"""Samplers compared over several seeds on the built-in dataset: one `overlap-sampler train` per
+(sampler, seed), then the box AP of each run, mean and spread per sampler, and the paired
+difference with the baseline (same seed: same initial weights and data order, only the sampler
+changes). One seed is an anecdote; the spread across seeds says how much of a gap is noise.
+
+    python benchmarks/sampler_ab.py                       # random, iou_balanced, overlap x seeds 0 1 2
+    python benchmarks/sampler_ab.py --seeds 0 1 2 3 4 --jobs 2
+    python benchmarks/sampler_ab.py --variant hard="--neg-strategy hard" --variant linear="--neg-strategy linear"
+
+Each run trains with one thread (`--threads 1`, deterministic on CPU), `--jobs` of them at a time;
+a run whose `eval.json` exists is read, not repeated, so an interrupted comparison continues.
+Writes `<out>/ab-<name>.md` and `.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from tqdm import tqdm
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRESETS = {"random": "--sampler random", "iou_balanced": "--sampler iou_balanced", "overlap": "--sampler overlap"}
+METRICS = ("AP", "AP50", "AP75", "APs", "APm")
+
+
+def parse_variant(text: str) -> tuple[str, str]:
+    """``NAME=FLAGS`` (extra `train` flags), or a preset's name."""
+    name, sep, flags = text.partition("=")
+    if not sep:
+        if name not in PRESETS:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a preset ({', '.join(PRESETS)}); "
+                                             f"use NAME=\"--flag value ...\"")
+        flags = PRESETS[name]
+    if not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"variant name {name!r} must be a plain identifier")
+    return name, flags
+
+
+def train_once(name: str, flags: str, seed: int, common: list[str], run_dir: Path) -> dict:
+    """One training run (skipped when its evaluation exists); returns its box (and mask) AP."""
+    eval_file = run_dir / "eval.json"
+    if not eval_file.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "overlap_sampler.cli", "train", *shlex.split(flags), *common,
+               "--seed", str(seed), "--threads", "1", "--no-progress", "--resume", "auto",
+               "--output-dir", str(run_dir)]
+        start = time.perf_counter()
+        with open(run_dir / "stdout.log", "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0 or not eval_file.exists():
+            raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}): see {run_dir / 'stdout.log'}\n"
+                               f"command: {shlex.join(cmd)}")
+        print(f"{name} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    metrics = json.loads(eval_file.read_text())
+    return {"variant": name, "seed": seed, **{k: {m: 100 * v[m] for m in METRICS} for k, v in metrics.items()}}
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def report(runs: list[dict], variants: list[tuple[str, str]], seeds: list[int], common: list[str]) -> str:
+    kinds = [k for k in ("bbox", "segm") if all(k in r for r in runs)]
+    by = {(r["variant"], r["seed"]): r for r in runs}
+    base = variants[0][0]
+    lines = [f"# Samplers over {len(seeds)} seeds (seeds {', '.join(map(str, seeds))})", "",
+             f"`overlap-sampler train {shlex.join(common)}` + the variant's flags, `--seed N --threads 1`. "
+             f"AP in percent on the validation set; mean ± sample standard deviation over seeds. "
+             f"Δ {base}: the paired difference with `{base}` at the same seed (mean ± std, and in how many "
+             f"seeds the variant is higher).", ""]
+    for kind in kinds:
+        lines += [f"## {kind}", "", "| variant | flags | " + " | ".join(METRICS) + f" | Δ AP vs {base} | higher |",
+                  "|---|---|" + "---|" * len(METRICS) + "---|---|"]
+        for name, flags in variants:
+            cells = [spread([by[name, s][kind][m] for s in seeds]) for m in METRICS]
+            diffs = [by[name, s][kind]["AP"] - by[base, s][kind]["AP"] for s in seeds]
+            delta = "—" if name == base else f"{statistics.fmean(diffs):+.1f} ± {statistics.stdev(diffs):.1f}" \
+                if len(diffs) > 1 else f"{diffs[0]:+.1f}"
+            higher = "—" if name == base else f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+            lines.append(f"| `{name}` | `{flags}` | " + " | ".join(cells) + f" | {delta} | {higher} |")
+        lines += ["", f"{kind} AP of each run:", "", "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---|" + "---|" * len(seeds)]
+        for name, _ in variants:
+            lines.append(f"| `{name}` | " + " | ".join(f"{by[name, s][kind]['AP']:.1f}" for s in seeds) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", type=parse_variant, metavar="NAME[=FLAGS]",
+                        help="a preset (random, iou_balanced, overlap) or NAME=\"train flags\"; repeatable; "
+                             "the first is the baseline of the paired differences [random iou_balanced overlap]")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each [2]")
+    parser.add_argument("--train-args", default="", help="flags given to every run, e.g. \"--arch maskrcnn\"")
+    parser.add_argument("--runs-dir", type=Path, default=Path("output/ab"), help="one folder per run [output/ab]")
+    parser.add_argument("--name", default="synthetic", help="results file name: ab-NAME.md [synthetic]")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    variants = args.variant or [parse_variant(p) for p in PRESETS]
+    if len({name for name, _ in variants}) != len(variants):
+        parser.error("variant names must differ")
+    if len(set(args.seeds)) != len(args.seeds) or args.jobs < 1:
+        parser.error("seeds must differ and --jobs must be at least 1")
+    common = shlex.split(args.train_args)
+
+    # The dataset is generated once, before runs start side by side (generation is locked anyway).
+    if not any(a.startswith(("--dataset", "--data-root", "--config")) for a in common):
+        from overlap_sampler.data.synthetic import synthetic_dataset
+        for split in ("train", "val"):
+            synthetic_dataset(split)
+
+    tasks = [(name, flags, seed) for seed in args.seeds for name, flags in variants]
+    pool = ThreadPoolExecutor(args.jobs)
+    futures = [pool.submit(train_once, name, flags, seed, common, args.runs_dir / f"{name}-seed{seed}")
+               for name, flags, seed in tasks]
+    try:
+        for future in tqdm(as_completed(futures), total=len(futures), desc="training runs", unit="run"):
+            future.result()  # the first failure stops the comparison: runs not started are cancelled
+    finally:
+        pool.shutdown(cancel_futures=True)
+    runs = [f.result() for f in futures]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = report(runs, variants, args.seeds, common)
+    (args.out / f"ab-{args.name}.md").write_text(table)
+    (args.out / f"ab-{args.name}.json").write_text(json.dumps(
+        {"train_args": common, "variants": dict(variants), "seeds": args.seeds, "runs": runs}, indent=1))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

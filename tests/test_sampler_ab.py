@@ -1,0 +1,85 @@
+"""benchmarks/sampler_ab.py: the multi-seed comparison's statistics, reuse of finished runs, failures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sampler_ab.py"
+
+
+@pytest.fixture(scope="module")
+def ab():
+    spec = importlib.util.spec_from_file_location("sampler_ab", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_eval(run_dir: Path, ap: float, segm: bool = False) -> None:
+    """A finished run: its eval.json as `train` writes it (fractions, not percent)."""
+    run_dir.mkdir(parents=True)
+    metrics = {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.1, "APs": ap, "APm": ap, "APl": -1.0}
+    (run_dir / "eval.json").write_text(json.dumps({"bbox": metrics, **({"segm": metrics} if segm else {})}))
+
+
+def run_main(ab, monkeypatch, *argv: str) -> None:
+    # --dataset keeps the script from generating the built-in dataset.
+    monkeypatch.setattr(sys, "argv", ["sampler_ab.py", "--train-args", "--dataset synthetic --data-root /nonexistent",
+                                      *argv])
+    ab.main()
+
+
+def test_finished_runs_are_read_and_summarised(ab, tmp_path, monkeypatch):
+    aps = {"random": [0.30, 0.32, 0.28], "overlap": [0.36, 0.35, 0.37]}
+    for name, values in aps.items():
+        for seed, ap in enumerate(values):
+            write_eval(tmp_path / "runs" / f"{name}-seed{seed}", ap)
+    run_main(ab, monkeypatch, "--variant", "random", "--variant", "overlap", "--seeds", "0", "1", "2",
+             "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--name", "t")
+
+    table = (tmp_path / "out" / "ab-t.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
+            for line in table.splitlines() if line.startswith("| `") and "--sampler" in line}
+    overlap = [100 * v for v in aps["overlap"]]
+    diffs = [100 * (o - r) for o, r in zip(aps["overlap"], aps["random"])]
+    assert rows["`overlap`"][0] == f"{statistics.fmean(overlap):.1f} ± {statistics.stdev(overlap):.1f}"
+    assert rows["`overlap`"][5] == f"{statistics.fmean(diffs):+.1f} ± {statistics.stdev(diffs):.1f}"
+    assert rows["`overlap`"][6] == "3/3"
+    assert rows["`random`"][5:] == ["—", "—"]
+    assert "segm" not in table
+    saved = json.loads((tmp_path / "out" / "ab-t.json").read_text())
+    assert {(r["variant"], r["seed"]) for r in saved["runs"]} == {(n, s) for n in aps for s in range(3)}
+    assert saved["runs"][0]["bbox"]["AP"] == pytest.approx(30.0)
+
+
+def test_mask_ap_gets_its_own_table(ab, tmp_path, monkeypatch):
+    for name in ("random", "overlap"):
+        write_eval(tmp_path / "runs" / f"{name}-seed4", 0.3, segm=True)
+    run_main(ab, monkeypatch, "--variant", "random", "--variant", "overlap", "--seeds", "4",
+             "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
+    table = (tmp_path / "out" / "ab-synthetic.md").read_text()
+    assert "## bbox" in table and "## segm" in table
+    assert "| `overlap` | `--sampler overlap` | 30.0 |" in table  # one seed: no spread
+
+
+def test_a_failed_run_names_its_log(ab, tmp_path, monkeypatch):
+    # --lr -1 is a config error: train exits at once without an eval.json.
+    monkeypatch.setattr(sys, "argv", ["sampler_ab.py", "--variant", "bad=--lr -1", "--seeds", "0",
+                                      "--train-args", "--dataset synthetic --data-root /nonexistent",
+                                      "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    with pytest.raises(RuntimeError, match=r"bad seed 0 failed .*stdout\.log"):
+        ab.main()
+    assert "lr" in (tmp_path / "runs" / "bad-seed0" / "stdout.log").read_text()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, message", [("nosuchpreset", "not a preset"), ("a-b=--lr 1", "identifier")])
+def test_bad_variants_are_rejected(ab, text, message):
+    with pytest.raises(Exception, match=message):
+        ab.parse_variant(text)
