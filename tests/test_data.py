@@ -19,9 +19,11 @@ from pycocotools.coco import COCO
 from torchvision.ops import box_iou
 
 from overlap_sampler.data import (
+    MIN_BOX_SIDE,
     CocoDetection,
     DatasetError,
     collate,
+    compressed_rle_counts,
     decode_rle,
     make_synthetic_coco,
     synthetic,
@@ -389,6 +391,11 @@ MALFORMED = {
     "iscrowd-not-0-or-1": (_set([*ANN, "iscrowd"], 2), ["annotation id 11", "'iscrowd'"]),
     "rle-wrong-size": (_set([*ANN, "segmentation", "size"], [W, H]), ["annotation id 11", "RLE size"]),
     "rle-wrong-counts": (_set([*ANN, "segmentation", "counts"], [3, 4]), ["annotation id 11", "summing to"]),
+    "compressed-rle-too-short": (_set([*ANN, "segmentation", "counts"], "0"), ["annotation id 11", "cover 0 pixels"]),
+    "compressed-rle-garbage": (_set([*ANN, "segmentation", "counts"], "~~~ not rle"),
+                               ["annotation id 11", "not a valid RLE string"]),
+    "compressed-rle-unterminated": (_set([*ANN, "segmentation", "counts"], "1O"),  # 'O': more digits follow
+                                    ["annotation id 11", "not a valid RLE string"]),
     "polygon-odd": (_set(["annotations", 0, "segmentation"], [[1, 1, 4, 1, 4]]), ["annotation id 10", "polygon 0"]),
     "segmentation-missing": (_set([*ANN, "segmentation"], None), ["annotation id 11", "'segmentation'"]),
     "image-file-missing": (_set(["images", 1, "file_name"], "nope.png"), ["image id 4", "nope.png", "not found"]),
@@ -432,3 +439,52 @@ def test_unreadable_image_is_reported_when_loading(tmp_path):
 def test_missing_annotation_file(tmp_path):
     with pytest.raises(DatasetError, match="annotation file not found"):
         CocoDetection(str(tmp_path), str(tmp_path / "missing.json"))
+
+
+def test_compressed_rle_counts_match_pycocotools_encoding():
+    # Random masks, all-zero and all-one masks, and runs long enough to need several characters.
+    rng = np.random.default_rng(1)
+    masks = [(rng.random((h, w)) < rng.random()).astype(np.uint8)
+             for h, w in rng.integers(1, 40, (200, 2))]
+    masks += [np.zeros((7, 3), np.uint8), np.ones((7, 3), np.uint8), np.zeros((1200, 900), np.uint8)]
+    masks[-1][600:, 400:] = 1
+    for mask in masks:
+        encoded = mask_utils.encode(np.asfortranarray(mask))["counts"].decode("ascii")
+        assert compressed_rle_counts(encoded) == rle_counts(mask)
+    assert compressed_rle_counts("") == []
+
+
+def test_sub_pixel_boxes_are_kept_and_vanishing_ones_left_out(tmp_path):
+    def edit(data):
+        data["annotations"][0]["bbox"] = [1.0, 1.7, 0.6, 0.4]  # a real, tiny box: kept
+        # Width 1e-6 at x = 5: in float32 x2 == x1, which torchvision's detector rejects mid-training.
+        data["annotations"][1]["bbox"] = [5.0, 0.7, 1e-6, 0.4]
+        data["annotations"][2]["bbox"] = [0.0, 3.0, 3.0, MIN_BOX_SIDE / 2]
+
+    dataset = CocoDetection(*write_tiny_coco(tmp_path, edit))
+    target = dataset[0][1]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[1.0, 1.7, 1.6, 2.1]]))
+    assert target["labels"].tolist() == [2]
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    def use_16_bit(data):
+        data["images"][0]["file_name"] = "b16.png"
+
+    image_dir, annotation_file = write_tiny_coco(tmp_path, use_16_bit)
+    values = np.random.default_rng(2).integers(0, 65536, (6, 8), dtype=np.uint16)
+    Image.fromarray(values).save(os.path.join(image_dir, "b16.png"))
+    assert Image.open(os.path.join(image_dir, "b16.png")).mode.startswith("I")
+    image = CocoDetection(image_dir, annotation_file)[1][0]
+    expected = torch.from_numpy(values.astype(np.float32) / 65535).expand(3, 6, 8)
+    torch.testing.assert_close(image, expected)
+
+
+def test_exif_rotated_image_mismatch_names_the_orientation(tmp_path):
+    image_dir, annotation_file = write_tiny_coco(tmp_path, _set(["images", 1], {"id": 4, "file_name": "a.jpg",
+                                                                              "width": H, "height": W}))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 6x5, displayed turned by 90 degrees: 5x6, as the file says
+    Image.new("RGB", (W, H)).save(os.path.join(image_dir, "a.jpg"), exif=exif)
+    with pytest.raises(DatasetError, match=r"image is 6x5 .* says 5x6; the file's EXIF orientation \(6\)"):
+        CocoDetection(image_dir, annotation_file)[0]

@@ -7,7 +7,7 @@
   shapes; :func:`synthetic_dataset` is the built-in one, generated once into a cache folder.
 """
 
-from .coco import BOX_TOLERANCE, CocoDetection, DatasetError, collate, decode_rle
+from .coco import BOX_TOLERANCE, MIN_BOX_SIDE, CocoDetection, DatasetError, collate, compressed_rle_counts, decode_rle
 from .synthetic import (
     CATEGORIES,
     SYNTHETIC_IMAGE_SIZE,
@@ -20,7 +20,7 @@ from .synthetic import (
 )
 
 __all__ = [
-    "BOX_TOLERANCE", "CATEGORIES", "CocoDetection", "DatasetError", "SYNTHETIC_IMAGE_SIZE",
-    "SYNTHETIC_NUM_IMAGES", "SYNTHETIC_SEED", "SYNTHETIC_VERSION", "collate", "default_cache_dir",
-    "decode_rle", "make_synthetic_coco", "synthetic_dataset",
+    "BOX_TOLERANCE", "CATEGORIES", "MIN_BOX_SIDE", "CocoDetection", "DatasetError", "SYNTHETIC_IMAGE_SIZE",
+    "SYNTHETIC_NUM_IMAGES", "SYNTHETIC_SEED", "SYNTHETIC_VERSION", "collate", "compressed_rle_counts",
+    "default_cache_dir", "decode_rle", "make_synthetic_coco", "synthetic_dataset",
 ]

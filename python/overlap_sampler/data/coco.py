@@ -22,12 +22,23 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-__all__ = ["BOX_TOLERANCE", "CocoDetection", "DatasetError", "collate", "decode_rle"]
+__all__ = ["BOX_TOLERANCE", "MIN_BOX_SIDE", "CocoDetection", "DatasetError", "collate",
+           "compressed_rle_counts", "decode_rle"]
 
 #: How far (pixels) a box may stick out of its image before the file is rejected. Annotation tools
 #: round coordinates, so boxes touching the border are often a fraction of a pixel outside; such
 #: boxes are clipped to the image instead.
 BOX_TOLERANCE = 1.0
+
+#: Boxes narrower or lower than this (pixels, after clipping) are left out of the training targets:
+#: they hold no object, and a sub-ulp box can collapse to zero width in float32 or when resized,
+#: which torchvision's detectors reject mid-training.
+MIN_BOX_SIDE = 0.01
+
+# PIL modes of single-channel images with more than 8 bits (16-bit PNGs open as "I;16" or "I"):
+# PIL's convert("RGB") clips them at 255, so they are scaled by 65535 instead.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I")
+_EXIF_ORIENTATION = 0x0112
 
 
 def decode_rle(rle: dict) -> np.ndarray:
@@ -40,6 +51,36 @@ def decode_rle(rle: dict) -> np.ndarray:
         warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword",
                                 category=DeprecationWarning)
         return mask_utils.decode(rle)
+
+
+def compressed_rle_counts(counts: str) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string, or None when the string is malformed.
+
+    The format of pycocotools' ``rleFrString``: each run is a little-endian base-32 number, 5 bits
+    per character (``chr(48 + bits)``, bit 5 = more characters follow, bit 4 of the last = sign),
+    and from the third run on the value is a difference to the run two before. pycocotools itself
+    does not check the string and decodes a bad one from memory it never wrote, so a file is
+    checked with this before its masks are decoded.
+    """
+    runs: list[int] = []
+    value = shift = 0
+    for char in counts:
+        bits = ord(char) - 48
+        if not 0 <= bits < 64:
+            return None
+        value |= (bits & 0x1F) << shift
+        shift += 5
+        if bits & 0x20:
+            continue
+        if bits & 0x10:
+            value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+        value = shift = 0
+    return runs if shift == 0 else None
 
 
 class DatasetError(ValueError):
@@ -78,8 +119,12 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Annotations left out of the targets (they stay in :attr:`coco`, so COCO evaluation still sees
     them): crowd annotations (``iscrowd=1``: regions of many objects, which COCO evaluation ignores
-    and which would teach a detector to fire on groups), and boxes with zero width or height after
-    clipping (torchvision's detectors reject them; COCO has a few). An image may thus have ``n = 0``.
+    and which would teach a detector to fire on groups), and boxes narrower or lower than
+    :data:`MIN_BOX_SIDE` after clipping (torchvision's detectors reject empty boxes; COCO has a
+    few). An image may thus have ``n = 0``.
+
+    Images are read as stored (EXIF orientation is not applied, as in pycocotools and torchvision);
+    16-bit grayscale images are scaled by 65535, other modes converted to 8-bit RGB.
 
     Attributes:
         coco: the pycocotools ``COCO`` of the annotation file (missing ``area``/``iscrowd`` filled in).
@@ -229,7 +274,13 @@ class CocoDetection(torch.utils.data.Dataset):
                 if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
                     raise self._fail(record, "'segmentation' uncompressed RLE counts must be non-negative "
                                      f"integers summing to height * width = {height * width}")
-            elif not isinstance(counts, str):
+            elif isinstance(counts, str):
+                runs = compressed_rle_counts(counts)
+                if runs is None or sum(runs) != height * width:
+                    raise self._fail(record, "'segmentation' compressed RLE counts "
+                                     + ("are not a valid RLE string" if runs is None else
+                                        f"cover {sum(runs)} pixels, not height * width = {height * width}"))
+            else:
                 raise self._fail(record, "'segmentation' RLE counts must be a list of integers "
                                  f"(uncompressed) or a string (compressed), got {type(counts).__name__}")
         else:
@@ -246,15 +297,24 @@ class CocoDetection(torch.utils.data.Dataset):
         record = f"image id {info['id']}"
         try:
             with Image.open(path) as im:
-                size = im.size
-                rgb = np.array(im.convert("RGB"))  # a writable copy for torch.from_numpy
+                size, orientation = im.size, im.getexif().get(_EXIF_ORIENTATION, 1)
+                if im.mode in _WIDE_GRAY_MODES:
+                    gray = np.asarray(im, dtype=np.float32) / 65535.0
+                    image = torch.from_numpy(np.clip(gray, 0.0, 1.0)).expand(3, *gray.shape).contiguous()
+                else:
+                    rgb = np.array(im.convert("RGB"))  # a writable copy for torch.from_numpy
+                    image = torch.from_numpy(rgb).permute(2, 0, 1).to(torch.float32).div_(255.0).contiguous()
         except (OSError, ValueError) as e:  # PIL raises UnidentifiedImageError (an OSError) etc.
             raise DatasetError(f"{path} ({record} of {self.annotation_file}): cannot read image ({e})") from None
         if size != (info["width"], info["height"]):
+            rotated = orientation in (5, 6, 7, 8) and size == (info["height"], info["width"])
             raise DatasetError(
                 f"{path} ({record} of {self.annotation_file}): image is {size[0]}x{size[1]} (width x height) "
-                f"but the annotation file says {info['width']}x{info['height']}")
-        return torch.from_numpy(rgb).permute(2, 0, 1).to(torch.float32).div_(255.0).contiguous()
+                f"but the annotation file says {info['width']}x{info['height']}"
+                + (f"; the file's EXIF orientation ({orientation}) turns it by 90 degrees for display, but "
+                   "images are read as stored (as pycocotools and torchvision do): annotate the stored "
+                   "pixels, or save the image turned" if rotated else ""))
+        return image
 
     def _decode_mask(self, seg: Any, height: int, width: int) -> np.ndarray:
         if isinstance(seg, list):  # polygons, possibly several parts
@@ -283,7 +343,7 @@ class CocoDetection(torch.utils.data.Dataset):
             x, y, w, h = ann["bbox"]
             box = [min(max(x, 0.0), width), min(max(y, 0.0), height),
                    min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
-            if box[2] <= box[0] or box[3] <= box[1]:
+            if box[2] - box[0] < MIN_BOX_SIDE or box[3] - box[1] < MIN_BOX_SIDE:
                 continue
             boxes.append(box)
             labels.append(self._label_of[ann["category_id"]])
