@@ -236,6 +236,30 @@ def test_resume_explicit_path_must_exist(tiny_data, tmp_path):
         train(cfg)
 
 
+def write_val_variant(tiny_data, tmp_path, edit) -> str:
+    """A copy of the tiny validation annotations changed by ``edit(data)``; returns its path."""
+    data = json.loads(open(tiny_data[3]).read())
+    edit(data)
+    path = tmp_path / "val_variant.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("arch, edit, message", [
+    ("fasterrcnn", lambda d: d["categories"].append({"id": 99, "name": "extra"}),
+     r"val_variant\.json: validation categories \[1, 2, 3, 99\] differ from the training categories \[1, 2, 3\]"),
+    ("fasterrcnn", lambda d: d["images"][0].update(file_name="missing.png"), r"missing\.png"),
+    # Validation masks are checked as the eval command checks them.
+    ("maskrcnn", lambda d: d["annotations"][0].update(segmentation=[[1, 1, 4]]), r"polygon 0"),
+])
+def test_a_broken_validation_set_fails_before_training(tiny_data, tmp_path, arch, edit, message):
+    cfg = tiny_config(tiny_data, tmp_path / "run", arch=arch,
+                      val_annotations=write_val_variant(tiny_data, tmp_path, edit))
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert not any(name.endswith(".pth") for name in os.listdir(tmp_path / "run"))
+
+
 def test_resume_from_another_architecture_is_a_clear_error(tiny_data, tmp_path):
     # A Mask R-CNN checkpoint in the folder of a Faster R-CNN run: named, not a state_dict traceback.
     from overlap_sampler.detection import build_detector

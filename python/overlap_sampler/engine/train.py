@@ -228,11 +228,12 @@ def dataset_paths(config: TrainConfig, split: str) -> tuple[str, str]:
 
 
 def make_dataset(config: TrainConfig, split: str):
-    """The ``CocoDetection`` of ``split`` (with masks for Mask R-CNN training)."""
+    """The ``CocoDetection`` of ``split``; for Mask R-CNN with masks (validation too: its
+    segmentations are checked up front, as the ``eval`` command does)."""
     from ..data import CocoDetection
 
     images, annotations = dataset_paths(config, split)
-    return CocoDetection(images, annotations, masks=(config.arch == "maskrcnn" and split == "train"))
+    return CocoDetection(images, annotations, masks=config.arch == "maskrcnn")
 
 
 def _resolve_resume(config: TrainConfig) -> str | None:
@@ -351,8 +352,15 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     seed_everything(config.seed)
 
     # ---- data (rank 0 first: generating the synthetic dataset must not race)
+    val_set = None
     if info.is_main:
         train_set = make_dataset(config, "train")
+        # The validation set is read and checked now, so a broken file fails before training, not after.
+        if config.eval_at_end:
+            val_set = make_dataset(config, "val")
+            if list(val_set.category_ids) != list(train_set.category_ids):
+                raise ValueError(f"{val_set.annotation_file}: validation categories {list(val_set.category_ids)} "
+                                 f"differ from the training categories {list(train_set.category_ids)}")
     D.barrier()
     if not info.is_main:
         train_set = make_dataset(config, "train")
@@ -542,10 +550,6 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     if finished and config.eval_at_end:
         from .evaluate import evaluate, format_table
 
-        val_set = make_dataset(config, "val")
-        if list(val_set.category_ids) != category_ids:
-            raise ValueError(f"validation categories {val_set.category_ids} differ from the training "
-                             f"categories {category_ids}")
         logger.info("evaluating on %d validation images", len(val_set))
         eval_metrics = evaluate(core, val_set, device=device, batch_size=config.eval_batch_size,
                                 progress=config.progress)
