@@ -162,6 +162,78 @@ def test_runs_in_eval_mode_and_restores_training(dataset):
     assert model.training
 
 
+class SizedDataset(IdImageDataset):
+    """Images of the sizes their COCO records give (not all SIZE x SIZE)."""
+
+    def __getitem__(self, i):
+        info = self.coco.imgs[self.image_ids[i]]
+        image = torch.zeros(3, info["height"], info["width"])
+        image[0, 0, 0] = float(info["id"])
+        return image, {"image_id": torch.tensor(info["id"])}
+
+
+class PaddingDetector(StubDetector):
+    """A perfect detector whose boxes move with the padding of the batch, as a real detector's
+    features do near the padded border: each image's boxes shift down by how much taller the
+    batch's tallest image is. It also records the image shapes of every call."""
+
+    def __init__(self, coco):
+        super().__init__(coco, "gt")
+        self.calls = []
+
+    def forward(self, images):
+        self.calls.append([tuple(image.shape[1:]) for image in images])
+        tallest = max(image.shape[1] for image in images)
+        outputs = super().forward(images)
+        for image, output in zip(images, outputs):
+            output["boxes"] = output["boxes"] + torch.tensor([0.0, 1.0, 0.0, 1.0]) * (tallest - image.shape[1])
+        return outputs
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 8])
+def test_batches_hold_one_image_size_so_ap_does_not_depend_on_the_batch_size(tmp_path, batch_size):
+    data = _coco_dict()
+    extra = [{"id": 20 + k, "file_name": f"{20 + k}.png", "width": SIZE, "height": SIZE} for k in range(3)]
+    data["images"][1].update(height=112)  # image 12: its boxes end at y = 110
+    data["images"][2].update(width=96)  # image 13: its box ends at x = 70
+    data["images"] += extra
+    for annotation in data["annotations"]:
+        del annotation["segmentation"]  # boxes only: the stub's masks are SIZE x SIZE
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(data))
+    dataset = SizedDataset(str(path))  # ids 11 (128x128), 12 (112x128), 13 (128x96), 20-22 (128x128)
+    model = PaddingDetector(dataset.coco)
+
+    metrics = evaluate(model, dataset, batch_size=batch_size, progress=False)
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0)
+    assert all(len(set(shapes)) == 1 and len(shapes) <= batch_size for shapes in model.calls)
+    assert sorted(shape for shapes in model.calls for shape in shapes) == sorted(
+        [(SIZE, SIZE)] * 4 + [(112, SIZE), (SIZE, 96)])
+
+
+class DatasetWithoutImageIds(StubDataset):
+    """No ``image_ids`` attribute: evaluate() cannot know the image sizes before loading."""
+
+    def __init__(self, annotation_file):
+        super().__init__(annotation_file)
+        self.ids = self.__dict__.pop("image_ids")
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        image = torch.zeros(3, SIZE, SIZE)
+        image[0, 0, 0] = float(self.ids[i])
+        return image, {"image_id": torch.tensor(self.ids[i])}
+
+
+def test_a_dataset_without_image_ids_is_evaluated_one_image_at_a_time(coco_file):
+    dataset = DatasetWithoutImageIds(coco_file)
+    model = PaddingDetector(dataset.coco)
+    assert evaluate(model, dataset, batch_size=3, progress=False)["bbox"]["AP"] == pytest.approx(1.0)
+    assert [len(shapes) for shapes in model.calls] == [1, 1, 1]
+
+
 def test_no_detections_score_zero(dataset):
     model = StubDetector(dataset.coco, "empty", with_masks=True)
     metrics = evaluate(model, dataset, batch_size=2, progress=False)

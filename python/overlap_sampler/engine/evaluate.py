@@ -142,6 +142,25 @@ def _has_mask_head(model: torch.nn.Module) -> bool:
     return bool(has_mask()) if callable(has_mask) else False
 
 
+def same_size_batches(dataset, batch_size: int) -> list[list[int]]:
+    """Indices of ``dataset`` in batches of at most ``batch_size`` images of one size.
+
+    torchvision's detectors pad each batch to its largest image, so in a batch of mixed sizes an
+    image's detections depend on its neighbours and the AP would change with the batch size.
+    Images of one size are padded alike, whether alone or together. Sizes come from the COCO
+    ``images`` records; a dataset without ``image_ids`` is evaluated one image at a time.
+    Within a size the dataset order is kept; sizes come in the order they first appear.
+    """
+    image_ids = getattr(dataset, "image_ids", None)
+    if image_ids is None or len(image_ids) != len(dataset):
+        return [[index] for index in range(len(dataset))]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image_id in enumerate(image_ids):
+        info = dataset.coco.imgs[image_id]
+        groups.setdefault((info["height"], info["width"]), []).append(index)
+    return [group[k:k + batch_size] for group in groups.values() for k in range(0, len(group), batch_size)]
+
+
 def evaluate(model: torch.nn.Module, dataset, *, device: str | torch.device = "cpu",
              batch_size: int = 2, progress: bool = True, verbose: bool = False) -> dict:
     """COCO box (and mask) AP of ``model`` on ``dataset``.
@@ -159,7 +178,8 @@ def evaluate(model: torch.nn.Module, dataset, *, device: str | torch.device = "c
             ``__getitem__ -> (image, target with a 0-d "image_id")``, ``.coco`` and
             ``.category_ids``).
         device: where to run the model.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass, at most; a batch holds images of one size only
+            (see :func:`same_size_batches`), so the AP does not depend on it.
         progress: show a tqdm bar.
         verbose: let COCOeval print its own output.
 
@@ -184,8 +204,8 @@ def evaluate(model: torch.nn.Module, dataset, *, device: str | torch.device = "c
     try:
         with torch.inference_mode(), tqdm(total=len(dataset), desc="eval", unit="img",
                                           disable=not progress, file=sys.stderr) as bar:
-            for start in range(0, len(dataset), batch_size):
-                samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            for batch in same_size_batches(dataset, batch_size):
+                samples = [dataset[i] for i in batch]
                 images = [image.to(device) for image, _ in samples]
                 outputs = _detections_of(model(images))
                 if len(outputs) != len(samples):
