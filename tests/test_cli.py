@@ -174,9 +174,12 @@ def test_train_eval_export_commands(tmp_path, capsys):
     eval_dir = tmp_path / "eval"
     assert main(["eval", "--checkpoint", checkpoint, "--val-images", val_images, "--val-annotations", val_ann,
                  "--output-dir", str(eval_dir), "--device", "cpu", "--no-progress"]) == 0
-    metrics = json.loads((eval_dir / "eval.json").read_text())
+    metrics = json.loads((eval_dir / "eval_last_checkpoint.json").read_text())
     assert set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert "AP50" in capsys.readouterr().out
+    # Without data flags: the validation set the checkpoint was trained with, JSON beside it.
+    assert main(["eval", "--checkpoint", checkpoint, "--device", "cpu", "--no-progress", "--batch-size", "1"]) == 0
+    assert json.loads((out / "eval_last_checkpoint.json").read_text()) == metrics
 
     exported = tmp_path / "model.pt"
     assert main(["export", "--checkpoint", checkpoint, "--output", str(exported), "--image-size", "64"]) == 0

@@ -156,7 +156,9 @@ def checkpoint_and_data(tmp_path_factory):
     image_dir, annotations = make_synthetic_coco(str(root / "data"), num_images=3,
                                                  image_size=64, split="val")
     data = CocoDetection(image_dir, annotations)
-    config = TrainConfig(arch="maskrcnn", backbone="small", min_size=64, max_size=64)
+    config = TrainConfig(arch="maskrcnn", backbone="small", min_size=64, max_size=64, dataset="coco",
+                         train_images=image_dir, train_annotations=annotations, val_images=image_dir,
+                         val_annotations=annotations)
     torch.manual_seed(0)
     model = build_detector("maskrcnn", data.num_classes, backbone="small", min_size=64,
                            max_size=64)
@@ -170,10 +172,10 @@ def checkpoint_and_data(tmp_path_factory):
 
 def test_export_checkpoint(checkpoint_and_data, tmp_path, capsys):
     checkpoint, _, _ = checkpoint_and_data
-    output = export_checkpoint(checkpoint, str(tmp_path / "model.pt"), example_image_size=64,
-                               backbone_output=str(tmp_path / "backbone.pt2"))
-    assert output == str(tmp_path / "model.pt")
-    assert os.path.isfile(output) and os.path.isfile(tmp_path / "backbone.pt2")
+    output = export_checkpoint(checkpoint, str(tmp_path / "new" / "model.pt"), example_image_size=64,
+                               backbone_output=str(tmp_path / "new" / "backbone.pt2"))
+    assert output == str(tmp_path / "new" / "model.pt")  # missing folders are made
+    assert os.path.isfile(output) and os.path.isfile(tmp_path / "new" / "backbone.pt2")
     assert "reloaded outputs equal eager" in capsys.readouterr().out
     # The synthetic dataset's categories, label by label, travel with the file.
     assert load_categories(output) == [{"label": 1, "category_id": 1, "name": "rectangle"},
@@ -181,6 +183,10 @@ def test_export_checkpoint(checkpoint_and_data, tmp_path, capsys):
                                        {"label": 3, "category_id": 3, "name": "triangle"}]
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         export_checkpoint(str(tmp_path / "nope.pth"), str(tmp_path / "x.pt"))
+    with pytest.raises(ValueError, match=r"output '.*new' is a directory: give the file to write, e\.g\. "):
+        export_checkpoint(checkpoint, str(tmp_path / "new"))
+    with pytest.raises(ValueError, match="is a TorchScript model .* not a training checkpoint"):
+        export_checkpoint(output, str(tmp_path / "again.pt"))
 
 
 def test_categories_of_older_checkpoints_and_files_without_them(tmp_path):
@@ -207,13 +213,24 @@ def test_evaluate_checkpoint(checkpoint_and_data, tmp_path, capsys):
                                       val_annotations=annotations, output_dir=str(tmp_path),
                                       device="cpu", batch_size=2, progress=False)
     assert set(metrics) == {"bbox", "segm"}  # a Mask R-CNN checkpoint
-    assert json.loads((tmp_path / "eval.json").read_text()) == metrics
+    # Named after the checkpoint: training's eval.json is never overwritten.
+    name = f"eval_{Path(checkpoint).stem}.json"
+    assert json.loads((tmp_path / name).read_text()) == metrics
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split()[:2] == ["type", "AP"] and "eval.json" in out
+    assert out.splitlines()[0].split()[:2] == ["type", "AP"] and name in out
     with pytest.raises(ValueError, match="val_images and val_annotations are both needed"):
         evaluate_checkpoint(checkpoint, dataset=None, val_images=image_dir)
-    with pytest.raises(ValueError, match="dataset must be 'synthetic' or None"):
+    with pytest.raises(ValueError, match="dataset must be 'checkpoint', 'synthetic' or None"):
         evaluate_checkpoint(checkpoint, dataset="coco")
+    with pytest.raises(ValueError, match="give either dataset='checkpoint' or val_images"):
+        evaluate_checkpoint(checkpoint, val_images=image_dir, val_annotations=annotations)
+
+    # By default, the validation set of the checkpoint's own run (its config holds the COCO paths).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        default = evaluate_checkpoint(checkpoint, output_dir=str(tmp_path / "default"), device="cpu",
+                                      batch_size=3, progress=False)
+    assert default == metrics
 
 
 def test_evaluate_checkpoint_rejects_other_categories(checkpoint_and_data, tmp_path):

@@ -228,6 +228,15 @@ def test_load_model_from_checkpoint_errors(tmp_path):
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(ValueError, match="other.pth.*missing"):
         load_model_from_checkpoint(str(other))
+    # A pickled module: torch's reason only, not its advice to load with weights_only=False.
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
+    with pytest.raises(ValueError, match=r"module.pth is not a readable checkpoint \(not a torch.save file of "
+                                         r"tensors and plain containers: Unsupported global") as info:
+        load_model_from_checkpoint(str(tmp_path / "module.pth"))
+    assert "weights_only" not in str(info.value)
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "model.pt"))
+    with pytest.raises(ValueError, match="model.pt is a TorchScript model"):
+        load_model_from_checkpoint(str(tmp_path / "model.pt"))
 
 
 def test_resume_explicit_path_must_exist(tiny_data, tmp_path):

@@ -131,15 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
 
     ev = commands.add_parser("eval", help="COCO box (and mask) AP of a training checkpoint",
-                             description="Evaluate a checkpoint; prints the AP table and writes eval.json.")
+                             description="Evaluate a checkpoint; prints the AP table and writes "
+                                         "eval_<checkpoint name>.json beside the checkpoint.")
     ev.add_argument("--checkpoint", required=True, help="a checkpoint written by `train` (e.g. "
                                                         "output/train/last_checkpoint.pth)")
     ev.add_argument("--dataset", choices=("synthetic",), default=None,
-                    help="evaluate on the built-in synthetic validation split (the default when no "
-                         "--val-images/--val-annotations are given)")
+                    help="evaluate on the built-in synthetic validation split [without this and the "
+                         "--val-* flags: the validation set the checkpoint was trained with]")
     ev.add_argument("--val-images", help="directory of the validation images (COCO format)")
     ev.add_argument("--val-annotations", help="COCO instances json of the validation images")
-    ev.add_argument("--output-dir", help="where eval.json goes [the checkpoint's directory]")
+    ev.add_argument("--output-dir", help="where eval_<checkpoint name>.json goes [the checkpoint's directory]")
     ev.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N' [auto]")
     ev.add_argument("--batch-size", type=int, default=2, help="images per forward pass [2]")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -197,7 +198,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error("--val-images and --val-annotations go together")
         from .engine.evaluate import evaluate_checkpoint
 
-        evaluate_checkpoint(args.checkpoint, dataset=None if args.val_images else "synthetic",
+        evaluate_checkpoint(args.checkpoint, dataset=None if args.val_images else args.dataset or "checkpoint",
                             val_images=args.val_images, val_annotations=args.val_annotations,
                             output_dir=args.output_dir, device=args.device, batch_size=args.batch_size,
                             progress=not args.no_progress)

@@ -19,8 +19,11 @@ and dicts, so it loads with ``torch.load(weights_only=True)`` (no pickled code i
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import uuid
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -113,6 +116,15 @@ def save_checkpoint(state: dict[str, Any], output_dir: str) -> str:
     return path
 
 
+def _is_torchscript_archive(path: str) -> bool:
+    # torch.jit.save writes a zip with <archive>/constants.pkl; torch.save's zips have none.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` (``weights_only`` loading: no code runs).
 
@@ -121,10 +133,22 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if _is_torchscript_archive(path):
+        raise ValueError(f"checkpoint {path} is a TorchScript model (as `export` writes), not a training "
+                         "checkpoint: give the .pth file it was exported from")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        raise ValueError(f"checkpoint {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        # Only torch's reason, not its advice (retry with weights_only=False), which is wrong for a
+        # file that is no checkpoint.
+        text = str(e)
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        if isinstance(e, pickle.UnpicklingError):
+            reason = "not a torch.save file of tensors and plain containers" + (
+                f": {detail.group(1).split('. ')[0]}" if detail else "")
+        else:
+            reason = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+        raise ValueError(f"checkpoint {path} is not a readable checkpoint ({reason})") from e
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict")
     missing = [k for k in REQUIRED_KEYS if k not in state]

@@ -264,19 +264,24 @@ def write_metrics(metrics: dict, path: str) -> str:
     return path
 
 
-def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic",
+def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint",
                         val_images: Optional[str] = None, val_annotations: Optional[str] = None,
                         output_dir: Optional[str] = None, device: str = "auto",
                         batch_size: int = 2, progress: bool = True) -> dict:
-    """Evaluate a training checkpoint on a COCO dataset; write ``eval.json``, print the table.
+    """Evaluate a training checkpoint on a COCO dataset; write ``eval_<checkpoint name>.json``, print the table.
 
     Args:
         checkpoint: a checkpoint written by ``overlap_sampler.engine.checkpoint.save_checkpoint``.
-        dataset: ``"synthetic"`` for the built-in synthetic validation split, or None to use
-            ``val_images`` + ``val_annotations`` (a COCO image folder and instances json).
-        output_dir: where ``eval.json`` goes (default: the checkpoint's folder).
+        dataset: ``"checkpoint"`` for the validation set the checkpoint's run was configured with
+            (its COCO files, or the built-in synthetic split), ``"synthetic"`` for the built-in
+            synthetic validation split, or None to use ``val_images`` + ``val_annotations`` (a COCO
+            image folder and instances json).
+        output_dir: where the JSON goes (default: the checkpoint's folder). Its name follows the
+            checkpoint's (``last_checkpoint.pth`` -> ``eval_last_checkpoint.json``), so the
+            ``eval.json`` that training wrote is never overwritten.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
-        batch_size: images per forward pass.
+        batch_size: images per forward pass, at most (the AP does not depend on it, see
+            :func:`same_size_batches`).
 
     Returns:
         the metrics dict of :func:`evaluate`.
@@ -284,25 +289,29 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic"
     from overlap_sampler.data import CocoDetection, synthetic_dataset
     from overlap_sampler.engine.checkpoint import load_checkpoint, model_from_checkpoint_state
 
+    if dataset not in ("checkpoint", "synthetic", None):
+        raise ValueError(f"dataset must be 'checkpoint', 'synthetic' or None, got {dataset!r}")
+    if dataset is None and (val_images is None or val_annotations is None):
+        raise ValueError("val_images and val_annotations are both needed when dataset is None "
+                         f"(got val_images={val_images!r}, val_annotations={val_annotations!r})")
+    if dataset is not None and (val_images is not None or val_annotations is not None):
+        raise ValueError(f"give either dataset={dataset!r} or val_images + val_annotations (with "
+                         "dataset=None), not both")
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     target = resolve_device(device)  # before the slow part: a bad device fails at once
     state = load_checkpoint(checkpoint, map_location="cpu")
     model, config = model_from_checkpoint_state(state, checkpoint)
-    if dataset == "synthetic":
-        if val_images is not None or val_annotations is not None:
-            raise ValueError("give either dataset='synthetic' or val_images + val_annotations, "
-                             "not both")
+    if dataset == "checkpoint" and config.dataset == "coco":
+        if config.val_images is None or config.val_annotations is None:
+            raise ValueError(f"the run of checkpoint {checkpoint} had no validation set: give val_images and "
+                             "val_annotations")
+        image_dir, annotation_file = config.val_images, config.val_annotations
+    elif dataset is not None:
         # The cache the checkpoint was trained from (train's --data-root).
-        image_dir, annotation_file = synthetic_dataset("val", root=getattr(config, "data_root", None))
-    elif dataset is None:
-        if val_images is None or val_annotations is None:
-            raise ValueError("val_images and val_annotations are both needed when dataset is None "
-                             f"(got val_images={val_images!r}, "
-                             f"val_annotations={val_annotations!r})")
-        image_dir, annotation_file = val_images, val_annotations
+        image_dir, annotation_file = synthetic_dataset("val", root=config.data_root)
     else:
-        raise ValueError(f"dataset must be 'synthetic' or None, got {dataset!r}")
+        image_dir, annotation_file = val_images, val_annotations
 
     trained_categories = state["category_ids"]
     with_masks = getattr(config, "arch", None) == "maskrcnn" or _has_mask_head(model)
@@ -315,7 +324,8 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "synthetic"
     metrics = evaluate(model, data, device=target, batch_size=batch_size,
                        progress=progress)
     output_dir = output_dir or os.path.dirname(os.path.abspath(checkpoint))
-    path = write_metrics(metrics, os.path.join(output_dir, "eval.json"))
+    name = os.path.splitext(os.path.basename(checkpoint))[0]
+    path = write_metrics(metrics, os.path.join(output_dir, f"eval_{name}.json"))
     print(format_table(metrics))
     print(f"wrote {path}")
     return metrics

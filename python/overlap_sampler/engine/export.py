@@ -270,6 +270,10 @@ def export_checkpoint(checkpoint: str, output: str, *,
 
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    for name, path, example in (("output", output, "model.pt"), ("backbone_output", backbone_output, "backbone.pt2")):
+        if path is not None and os.path.isdir(path):
+            raise ValueError(f"{name} {path!r} is a directory: give the file to write, e.g. "
+                             f"{os.path.join(path, example)!r}")
     device = resolve_device(device)
     sizes = (example_image_size,) * 2 if isinstance(example_image_size, int) else tuple(example_image_size)
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 32 for s in sizes):
@@ -277,6 +281,9 @@ def export_checkpoint(checkpoint: str, output: str, *,
     state = load_checkpoint(checkpoint, map_location="cpu")
     model, _ = model_from_checkpoint_state(state, checkpoint)
     model.to(device).eval()
+    for path in (output, backbone_output):
+        if path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     images = example_images(example_image_size, device=device)
     export_torchscript(model, output, images,
                        extra_files={CATEGORIES_FILE: json.dumps(categories_of(state), indent=1)})
