@@ -189,6 +189,21 @@ def test_amp_on_cpu_is_ignored_with_a_note(tiny_data, tmp_path):
     train(cfg)
     log = (tmp_path / "run" / "train.log").read_text()
     assert "amp=true needs CUDA" in log
+    assert "the LR warm-up (warmup_iters=2) lasts until the end of the run: the LR never reaches lr=0.02" in log
+
+
+@pytest.mark.parametrize("iterations, warmup_iters, lr_steps, warned", [
+    (10, 9, [20], False), (10, 10, [20], True), (10, 4, [5], False), (10, 5, [5], True), (10, 0, [1], False)])
+def test_warm_up_longer_than_the_schedule_is_logged(iterations, warmup_iters, lr_steps, warned):
+    from overlap_sampler.engine.train import _warm_up_note
+
+    cfg = TrainConfig(iterations=iterations, warmup_iters=warmup_iters, lr_steps=lr_steps)
+    note = _warm_up_note(cfg)
+    assert (note is not None) == warned
+    if warned:  # and the LR indeed never reaches lr
+        assert max(lr_at(cfg, i) for i in range(iterations)) < cfg.lr
+    else:
+        assert max(lr_at(cfg, i) for i in range(iterations)) == cfg.lr
 
 
 def test_loader_workers_do_not_change_the_result(tiny_data, tmp_path):

@@ -64,6 +64,20 @@ def lr_at(config: TrainConfig, iteration: int) -> float:
     return config.lr * factor
 
 
+def _warm_up_note(config: TrainConfig) -> str | None:
+    """A warning when the warm-up outlasts the run or reaches its first LR step (legal, but a short run
+    that keeps the default warm-up never trains at its LR), else None."""
+    if not config.warmup_iters:
+        return None
+    first_step = next((s for s in config.resolved_lr_steps() if s <= config.warmup_iters), None)
+    if config.warmup_iters < config.iterations and first_step is None:
+        return None
+    until = ("the end of the run" if config.warmup_iters >= config.iterations
+             else f"the first LR step (iteration {first_step})")
+    return (f"the LR warm-up (warmup_iters={config.warmup_iters}) lasts until {until}: the LR never reaches "
+            f"lr={config.lr:g}")
+
+
 class IterationLR:
     """Sets the optimizer's LR from ``lr_at`` before each iteration. Its state is just the iteration;
     the schedule itself always comes from the current config."""
@@ -322,6 +336,9 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     use_amp = config.amp and device.type == "cuda"
     if config.amp and not use_amp:
         logger.warning("amp=true needs CUDA; training on %s in float32 instead", device)
+    warm_up_note = _warm_up_note(config)
+    if warm_up_note:
+        logger.warning(warm_up_note)
 
     # ---- resume state (read on every rank: each restores its own generators)
     # Resolved on rank 0 only: ranks that don't share the output folder must still resume together.
