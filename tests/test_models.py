@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+import torchvision
 from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
 
 from overlap_sampler.detection import ARCHITECTURES, BACKBONES, OverlapRoIHeads, build_detector, load_weights
@@ -198,12 +199,81 @@ def test_weights_of_another_architecture_list_the_keys(tmp_path, small_state):
         build_detector("fasterrcnn", 3, backbone="resnet18_fpn", weights=str(path))
 
 
-def test_weights_with_another_class_count_list_the_shapes(tmp_path, small_state):
+def test_weights_of_another_class_count_fine_tune_the_predictor(tmp_path, small_state):
     path = tmp_path / "three.pth"
     torch.save(small_state, path)
-    with pytest.raises(ValueError, match=r"shape mismatches \(roi_heads\.box_predictor\.cls_score\.weight: "
-                                         r"file \[3, 256\] vs model \[5, 256\]"):
-        build_detector("fasterrcnn", 5, backbone="small", weights=str(path))
+    torch.manual_seed(5)
+    fresh = build_detector("fasterrcnn", 5, backbone="small").state_dict()
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match=r"three\.pth' was trained for another number of classes: "
+                                         r"roi_heads\.box_predictor\.cls_score\.weight, .* keep their initial values"):
+        model = build_detector("fasterrcnn", 5, backbone="small", weights=str(path))
+    loaded = model.state_dict()
+    heads = [k for k in loaded if k.startswith("roi_heads.box_predictor.")]
+    assert len(heads) == 4
+    assert all(torch.equal(loaded[k], fresh[k]) for k in heads)  # initial values, same seed
+    assert all(torch.equal(loaded[k], small_state[k]) for k in loaded if k not in heads)
+
+
+def test_weights_with_other_shapes_outside_the_predictor_are_an_error(tmp_path, small_state):
+    state = dict(small_state)
+    state["roi_heads.box_head.fc7.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match=r"shape mismatches \(roi_heads\.box_head\.fc7\.weight: "
+                                         r"file \[3, 3\] vs model \[256, 256\]"):
+        build_detector("fasterrcnn", 3, backbone="small", weights=str(tmp_path / "odd.pth"))
+
+
+def test_torchvision_pretrained_layout_loads_torchvisions_detector_weights(tmp_path):
+    """A file like fasterrcnn_resnet50_fpn_coco-258fb6c6.pth: torchvision's detector with frozen
+    BatchNorm (no num_batches_tracked), 91 classes; fine-tuned here to 4."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(6)
+    coco = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict()
+    coco = {k: v for k, v in coco.items() if not k.endswith("num_batches_tracked")}
+    torch.save(coco, tmp_path / "coco.pth")
+    with pytest.warns(UserWarning, match="another number of classes"):
+        model = build_detector("fasterrcnn", 4, backbone="resnet50_fpn", weights=str(tmp_path / "coco.pth"))
+    # torchvision's rule with pretrained weights: frozen BatchNorm, conv1 and layer1 frozen.
+    body = model.backbone.body
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and not any(isinstance(m, torch.nn.BatchNorm2d)
+                                                               for m in model.modules())
+    trainable = {name.split(".")[0] for name, p in body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], coco[k]) for k in loaded if not k.startswith("roi_heads.box_predictor."))
+    assert set(loaded) == set(coco)
+
+
+def test_imagenet_backbone_weights_fill_the_trunk(tmp_path):
+    torch.manual_seed(7)
+    imagenet = torchvision.models.resnet18(weights=None).state_dict()  # with fc.* and num_batches_tracked
+    torch.save(imagenet, tmp_path / "resnet18.pth")
+    model = build_detector("maskrcnn", 3, backbone="resnet18_fpn", backbone_weights=str(tmp_path / "resnet18.pth"),
+                           trainable_backbone_layers=2)
+    body = model.backbone.body.state_dict()
+    assert set(body) == {k for k in imagenet if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    assert all(torch.equal(body[k], imagenet[k]) for k in body)
+    trainable = {name.split(".")[0] for name, p in model.backbone.body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4"}
+
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "resnet50.pth")
+    with pytest.raises(ValueError, match=r"resnet50\.pth' does not match the model \(an ImageNet ResNet of another "
+                                         r"depth\?\): .*unexpected \(layer1\.0\.conv3\.weight"):
+        build_detector("fasterrcnn", 3, backbone="resnet18_fpn", backbone_weights=str(tmp_path / "resnet50.pth"))
+    with pytest.raises(ValueError, match="backbone_weights is a ResNet setting; the 'small' backbone has none"):
+        build_detector("fasterrcnn", 3, backbone="small", backbone_weights=str(tmp_path / "resnet18.pth"))
+    with pytest.raises(ValueError, match="trainable_backbone_layers must be an integer in 0..5, got 6"):
+        build_detector("fasterrcnn", 3, backbone="resnet18_fpn", trainable_backbone_layers=6)
+    with pytest.raises(FileNotFoundError, match="backbone weights file .*nope.pth"):
+        build_detector("fasterrcnn", 3, backbone="resnet18_fpn", backbone_weights=str(tmp_path / "nope.pth"))
+
+
+def test_random_init_keeps_trainable_batchnorm_everywhere():
+    model = build_detector("fasterrcnn", 3, backbone="resnet18_fpn")
+    assert isinstance(model.backbone.body.bn1, torch.nn.BatchNorm2d)
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_unreadable_or_missing_weights(tmp_path):

@@ -260,6 +260,47 @@ def test_resume_explicit_path_must_exist(tiny_data, tmp_path):
         train(cfg)
 
 
+def test_imagenet_backbone_run_reloads_and_resumes_only_with_its_layout(tiny_data, tmp_path):
+    import torchvision
+
+    torch.manual_seed(8)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+    settings = dict(backbone="resnet18_fpn", backbone_weights=str(tmp_path / "resnet18.pth"), iterations=2,
+                    stop_after=1, eval_at_end=False)
+    train(tiny_config(tiny_data, tmp_path / "run", **settings))
+    state = load_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))
+    assert not any(k.endswith("num_batches_tracked") for k in state["model"])  # frozen BatchNorm
+    model, _ = load_model_from_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state["model"].items())
+    # conv1 and layer1 stay at the ImageNet values; layer2 trains.
+    imagenet = torch.load(tmp_path / "resnet18.pth")
+    assert torch.equal(state["model"]["backbone.body.layer1.0.conv1.weight"], imagenet["layer1.0.conv1.weight"])
+    assert not torch.equal(state["model"]["backbone.body.layer2.0.conv1.weight"], imagenet["layer2.0.conv1.weight"])
+
+    with pytest.raises(ValueError, match=r"backbone layout \{'frozen_batchnorm': True, 'trainable_backbone_layers': 3\}"
+                                         r", this run \{'frozen_batchnorm': False, 'trainable_backbone_layers': 5\}"):
+        train(tiny_config(tiny_data, tmp_path / "run", **{**settings, "backbone_weights": None, "resume": "auto"}))
+    train(tiny_config(tiny_data, tmp_path / "run", **{**settings, "stop_after": None, "resume": "auto"}))
+    assert load_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))["iteration"] == 2
+
+
+def test_missing_initial_weights_fail_before_the_data_is_read(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run", backbone="resnet18_fpn", backbone_weights="~/nope/r18.pth",
+                      train_annotations=str(tmp_path / "not-there.json"))
+    with pytest.raises(FileNotFoundError, match=r"backbone_weights file '~/nope/r18.pth' does not exist; torchvision's "
+                                                r"ImageNet ResNets are fetched"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"backbone": "small", "backbone_weights": "x.pth"}, "backbone_weights must be unset with backbone 'small'"),
+    ({"backbone": "resnet18_fpn", "trainable_backbone_layers": 6}, "trainable_backbone_layers must be an integer"),
+])
+def test_resnet_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings).validate()
+
+
 def write_val_variant(tiny_data, tmp_path, edit) -> str:
     """A copy of the tiny validation annotations changed by ``edit(data)``; returns its path."""
     data = json.loads(open(tiny_data[3]).read())

@@ -8,10 +8,10 @@ head samples with ``torch.ops.overlap_sampler.sample`` and weighs its loss.
 """
 
 from .losses import weighted_fastrcnn_loss
-from .models import ARCHITECTURES, BACKBONES, build_detector, load_weights
+from .models import ARCHITECTURES, BACKBONES, build_detector, load_backbone_weights, load_weights
 from .roi_heads import OverlapRoIHeads, install_sampler
 
 __all__ = [
     "ARCHITECTURES", "BACKBONES", "OverlapRoIHeads", "build_detector", "install_sampler",
-    "load_weights", "weighted_fastrcnn_loss",
+    "load_backbone_weights", "load_weights", "weighted_fastrcnn_loss",
 ]

@@ -8,6 +8,7 @@ local weights file is given.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -20,7 +21,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.resnet import BasicBlock
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..sampling.config import SamplerConfig
@@ -132,6 +133,9 @@ def build_detector(
     backbone: str = "resnet50_fpn",
     sampler: Optional[SamplerConfig] = None,
     weights: Optional[str] = None,
+    backbone_weights: Optional[str] = None,
+    trainable_backbone_layers: Optional[int] = None,
+    frozen_batchnorm: Optional[bool] = None,
     box_nms_thresh: float = 0.55,
     min_size: int = 800,
     max_size: int = 1333,
@@ -146,14 +150,26 @@ def build_detector(
             ``state_dict`` keys as ``torchvision.models.detection.fasterrcnn_resnet50_fpn``),
             ``"resnet18_fpn"``, or ``"small"`` (a light CNN + 64-channel FPN,
             anchors 8..128 px, 256-d box head, 1000 / 500 RPN proposals in
-            training / test: for 64-160 px images on a CPU). The ResNets use
-            trainable BatchNorm, as torchvision does without pretrained weights.
+            training / test: for 64-160 px images on a CPU).
         sampler: the RoI-head sampling settings (None = :class:`SamplerConfig`
             defaults, the paper's best). They also set the RoI head's IoU
             thresholds, batch size and positive fraction.
         weights: a local ``.pth`` file holding the whole model's ``state_dict``,
             or a checkpoint dict with the ``state_dict`` under ``"model"``
-            (loaded with ``weights_only=True``). Never downloaded. None = random init.
+            (loaded with ``weights_only=True``; see :func:`load_weights`). Never
+            downloaded. None = random init.
+        backbone_weights: a local ImageNet classification ``state_dict`` of the
+            ResNet (torchvision's ``resnet50-0676ba61.pth`` and the like), loaded
+            into the backbone's trunk (its ``fc`` is dropped; see
+            :func:`load_backbone_weights`). ResNet backbones only.
+        trainable_backbone_layers: how many ResNet stages train, counted from
+            the top (``layer4``, ``layer3``, ``layer2``, ``layer1``, ``conv1``):
+            0-5. None = torchvision's rule: 3 with pretrained weights (``weights``
+            or ``backbone_weights``), else 5.
+        frozen_batchnorm: the ResNet's BatchNorm as ``FrozenBatchNorm2d`` (fixed
+            statistics and affine). None = torchvision's rule: frozen with
+            pretrained weights, trainable ``BatchNorm2d`` from random init. The
+            ``"small"`` backbone always has trainable BatchNorm.
         box_nms_thresh: the RoI head's test-time NMS IoU threshold (paper: 0.55).
         min_size, max_size: the image resize of ``GeneralizedRCNNTransform``.
         **torchvision_kwargs: passed to ``FasterRCNN`` / ``MaskRCNN`` (e.g.
@@ -166,8 +182,9 @@ def build_detector(
 
     Raises:
         ValueError: unknown ``arch`` / ``backbone``, bad ``num_classes``, a
-            sampling kwarg, an unreadable or mismatched ``weights`` file.
-        FileNotFoundError: ``weights`` does not exist.
+            sampling kwarg, an unreadable or mismatched weights file, ResNet
+            settings with the ``"small"`` backbone.
+        FileNotFoundError: a weights file does not exist.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}; got {arch!r}")
@@ -183,13 +200,27 @@ def build_detector(
         raise TypeError(f"sampler must be a SamplerConfig or None, got {type(config).__name__}")
     config.validate()
 
+    pretrained = weights is not None or backbone_weights is not None
     kwargs: dict[str, Any] = {}
     if backbone == "small":
+        resnet_settings = {"backbone_weights": backbone_weights, "frozen_batchnorm": frozen_batchnorm,
+                           "trainable_backbone_layers": trainable_backbone_layers}
+        given = [name for name, value in resnet_settings.items() if value is not None]
+        if given:
+            raise ValueError(f"{given[0]} is a ResNet setting; the 'small' backbone has none")
         body = small_fpn_backbone()
         kwargs.update(_small_heads(arch, num_classes))
     else:
+        layers = trainable_backbone_layers
+        if layers is None:
+            layers = 3 if pretrained else 5
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= 5:
+            raise ValueError(f"trainable_backbone_layers must be an integer in 0..5, got {layers!r}")
+        frozen = pretrained if frozen_batchnorm is None else bool(frozen_batchnorm)
+        # torchvision's resnet_fpn_backbone: stages below the trainable ones get requires_grad=False.
         body = resnet_fpn_backbone(backbone_name=backbone.removesuffix("_fpn"), weights=None,
-                                   norm_layer=nn.BatchNorm2d, trainable_layers=5)
+                                   norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d,
+                                   trainable_layers=layers)
     kwargs.update(torchvision_kwargs)
     if kwargs.get("box_predictor") is not None or kwargs.get("mask_predictor") is not None:
         # torchvision wants num_classes=None when a predictor is given.
@@ -210,52 +241,117 @@ def build_detector(
         **kwargs,
     )
     install_sampler(model, config)
+    if backbone_weights is not None:
+        load_backbone_weights(model, backbone_weights)
     if weights is not None:
         load_weights(model, weights)
     return model
 
 
-def load_weights(model: nn.Module, path: str) -> nn.Module:
-    """Load a local weights file into ``model`` (strictly), returning it.
+# Heads whose shape follows the number of classes: a weights file of another class count leaves them
+# at their initial values (fine-tuning), as detectron2 and mmdetection do.
+_CLASS_HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 
-    The file holds either the model's ``state_dict`` or a checkpoint dict with
-    it under ``"model"``; a ``"module."`` prefix (DistributedDataParallel) is
-    stripped. Read with ``torch.load(weights_only=True)``: tensors and plain
-    containers only.
+
+def _read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
+    """A state dict from ``path``: the file's mapping, or its ``"model"`` / ``"state_dict"`` entry;
+    a ``"module."`` prefix (DistributedDataParallel) stripped."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise ValueError(f"cannot read {what} file {path!r} as a torch state dict "
+                         f"(torch.load weights_only=True): {str(exc).splitlines()[0]}") from exc
+    state = obj
+    for key in ("model", "state_dict"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"{what} file {path!r} holds no state dict (expected a mapping of parameter "
+                         f"names to tensors, or a checkpoint with one under 'model')")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _compare(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> tuple[list, list, list]:
+    """Missing keys, unexpected keys, shape mismatches. BatchNorm's ``num_batches_tracked`` counts
+    neither way: torchvision's pretrained files (FrozenBatchNorm2d) have none."""
+    def counts(key):
+        return not key.endswith(".num_batches_tracked")
+
+    missing = [k for k in own if k not in state and counts(k)]
+    unexpected = [k for k in state if k not in own and counts(k)]
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    return missing, unexpected, mismatched
+
+
+def _mismatch_error(path: str, hint: str, missing: list, unexpected: list, mismatched: list[str]) -> ValueError:
+    parts = []
+    for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)):
+        if items:
+            more = f", ... ({len(items) - 5} more)" if len(items) > 5 else ""
+            parts.append(f"{len(items)} {name} ({', '.join(items[:5])}{more})")
+    return ValueError(f"weights file {path!r} does not match the model ({hint}): " + "; ".join(parts))
+
+
+def load_weights(model: nn.Module, path: str) -> nn.Module:
+    """Load a local whole-model weights file into ``model``, returning it.
+
+    The file holds either the model's ``state_dict`` or a checkpoint dict with it under ``"model"``
+    (or ``"state_dict"``); a ``"module."`` prefix (DistributedDataParallel) is stripped. Read with
+    ``torch.load(weights_only=True)``: tensors and plain containers only. Every key must match,
+    except that BatchNorm's ``num_batches_tracked`` may be absent (torchvision's pretrained
+    detectors, e.g. ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth``, have none) and that the
+    class-specific predictors (``roi_heads.box_predictor``, the mask predictor's last layer) may
+    have another number of classes: they then keep their initial values, with a ``UserWarning``
+    (fine-tuning on a new dataset).
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: unreadable file, no state dict in it, or keys / shapes
             that do not match the model (the message lists a few of each).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise ValueError(f"cannot read weights file {path!r} as a torch state dict "
-                         f"(torch.load weights_only=True): {exc}") from exc
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else obj
-    if not isinstance(state, Mapping) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ValueError(f"weights file {path!r} holds no state dict (expected a mapping of parameter "
-                         f"names to tensors, or a checkpoint with one under 'model')")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-
+    state = _read_state_dict(path, "weights")
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]
+    missing, unexpected, mismatched = _compare(own, state)
+    class_heads = [k for k in mismatched if k.startswith(_CLASS_HEADS)]
+    others = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
+              for k in mismatched if k not in class_heads]
+    if missing or unexpected or others:
+        raise _mismatch_error(path, "wrong arch, backbone or weights file?", missing, unexpected, others)
+    if class_heads:
+        warnings.warn(f"weights file {path!r} was trained for another number of classes: "
+                      f"{', '.join(class_heads)} keep their initial values", stacklevel=2)
+    model.load_state_dict({k: v for k, v in state.items() if k not in class_heads}, strict=False)
+    return model
+
+
+def load_backbone_weights(model: nn.Module, path: str) -> nn.Module:
+    """Load an ImageNet classification ``state_dict`` of a ResNet into the detector's trunk
+    (``model.backbone.body``), returning ``model``.
+
+    This is the usual start of a COCO detector (torchvision's ``weights_backbone``): e.g.
+    ``resnet50-0676ba61.pth`` for ``resnet50_fpn``, ``resnet18-f37072fd.pth`` for ``resnet18_fpn``,
+    as ``torchvision.models.resnet50(weights="IMAGENET1K_V1")`` downloads them into
+    ``~/.cache/torch/hub/checkpoints``. The classifier (``fc.*``) is dropped; every other key must
+    match (BatchNorm's ``num_batches_tracked`` aside).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable file, or keys / shapes that do not match the trunk.
+    """
+    body = getattr(getattr(model, "backbone", None), "body", None)
+    if body is None or not hasattr(body, "layer4"):
+        raise ValueError("backbone weights need a ResNet backbone (model.backbone.body with layer1..4)")
+    state = {k: v for k, v in _read_state_dict(path, "backbone weights").items() if not k.startswith("fc.")}
+    own = body.state_dict()
+    missing, unexpected, mismatched = _compare(own, state)
     if missing or unexpected or mismatched:
-        parts = []
-        for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)):
-            if items:
-                more = f", ... ({len(items) - 5} more)" if len(items) > 5 else ""
-                parts.append(f"{len(items)} {name} ({', '.join(items[:5])}{more})")
-        raise ValueError(f"weights file {path!r} does not match the model (wrong arch, backbone or "
-                         f"num_classes?): " + "; ".join(parts))
-    model.load_state_dict(state)
+        shapes = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}" for k in mismatched]
+        raise _mismatch_error(path, "an ImageNet ResNet of another depth?", missing, unexpected, shapes)
+    body.load_state_dict(state, strict=False)
     return model

@@ -177,15 +177,36 @@ def config_from_checkpoint(state: dict[str, Any], path: str = "") -> TrainConfig
         raise ValueError(f"checkpoint {path or '(in memory)'}: its config is not valid: {e}") from e
 
 
+def backbone_layout(config: TrainConfig) -> dict[str, Any]:
+    """A ResNet backbone's ``frozen_batchnorm`` and ``trainable_backbone_layers`` (empty for "small").
+
+    They follow the config (torchvision's rule: frozen BatchNorm and 3 trainable stages with
+    pretrained weights), not whether files are loaded now, so that a checkpoint's state dict and
+    optimizer state fit the model rebuilt from its config."""
+    if config.backbone == "small":
+        return {}
+    pretrained = config.weights is not None or config.backbone_weights is not None
+    layers = config.trainable_backbone_layers
+    return {"frozen_batchnorm": pretrained, "trainable_backbone_layers": (3 if pretrained else 5) if layers is None
+            else layers}
+
+
 def build_model_for(config: TrainConfig, num_classes: int, *, initial_weights: bool = True) -> torch.nn.Module:
     """The detector ``config`` describes (``initial_weights=False`` skips ``config.weights``: used when a
     checkpoint's state dict is about to replace them anyway)."""
     from ..detection import build_detector
 
+    resnet = backbone_layout(config)
+    if resnet:
+        resnet["backbone_weights"] = _expand(config.backbone_weights) if initial_weights else None
     return build_detector(config.arch, num_classes, backbone=config.backbone, sampler=config.sampler,
-                          weights=config.weights if initial_weights else None,
+                          weights=_expand(config.weights) if initial_weights else None,
                           box_nms_thresh=config.box_nms_thresh, min_size=config.min_size,
-                          max_size=config.max_size)
+                          max_size=config.max_size, **resnet)
+
+
+def _expand(path: str | None) -> str | None:
+    return None if path is None else os.path.expanduser(path)
 
 
 def categories_of(state: dict[str, Any]) -> list[dict[str, Any]]:

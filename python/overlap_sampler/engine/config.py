@@ -75,8 +75,13 @@ class TrainConfig:
     backbone: str = _f("small", "backbone: 'small' (fast, CPU-friendly), 'resnet18_fpn' or 'resnet50_fpn'")
     sampler: SamplerConfig = field(default_factory=default_sampler,
                                    metadata={"help": "RoI sampler settings ([sampler] table)"})
-    weights: str | None = _f(None, "initial weights passed to build_detector (a local file; nothing is "
-                                   "downloaded)")
+    weights: str | None = _f(None, "initial weights of the whole detector (a local state dict or checkpoint; "
+                                   "predictors of another class count keep their init; nothing is downloaded)")
+    backbone_weights: str | None = _f(None, "ImageNet weights of the ResNet trunk (a local torchvision file such "
+                                            "as resnet50-0676ba61.pth; '~' is expanded)")
+    trainable_backbone_layers: int | None = _f(None, "ResNet stages trained, from layer4 down, 0-5 (default: 3 "
+                                                     "with weights or backbone_weights, else 5); with pretrained "
+                                                     "weights BatchNorm is frozen, as in torchvision")
     min_size: int = _f(128, "images are resized so that their short side is min_size ...")
     max_size: int = _f(224, "... and their long side at most max_size (pixels)")
     box_nms_thresh: float = _f(0.55, "NMS IoU threshold of the RoI head at test time (paper: 0.55)")
@@ -170,7 +175,7 @@ class TrainConfig:
         if self.dataset not in DATASETS:
             bad("dataset", f"one of {DATASETS}")
         paths = ("train_images", "train_annotations", "val_images", "val_annotations")
-        for name in paths + ("data_root", "weights", "resume"):
+        for name in paths + ("data_root", "weights", "backbone_weights", "resume"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, str) and v):
                 bad(name, "a non-empty path string or unset")
@@ -193,6 +198,13 @@ class TrainConfig:
             bad("arch", f"one of {ARCHS}")
         if not isinstance(self.backbone, str):
             bad("backbone", "a string")
+        if self.trainable_backbone_layers is not None and not (
+                is_int(self.trainable_backbone_layers) and 0 <= self.trainable_backbone_layers <= 5):
+            bad("trainable_backbone_layers", "an integer in 0..5 or unset")
+        if self.backbone == "small":
+            for name in ("backbone_weights", "trainable_backbone_layers"):
+                if getattr(self, name) is not None:
+                    bad(name, "unset with backbone 'small' (a ResNet setting)")
         if not isinstance(self.sampler, SamplerConfig):
             bad("sampler", "a SamplerConfig")
         self.sampler.validate()

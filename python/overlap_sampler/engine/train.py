@@ -37,17 +37,17 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import distributed as D
-from .checkpoint import (CHECKPOINT_FORMAT, LAST, build_model_for, config_from_checkpoint, get_rng_state,
-                         load_checkpoint, save_checkpoint, set_rng_state)
+from .checkpoint import (CHECKPOINT_FORMAT, LAST, backbone_layout, build_model_for, config_from_checkpoint,
+                         get_rng_state, load_checkpoint, save_checkpoint, set_rng_state)
 from .config import TrainConfig
 
 LOGGER_NAME = "overlap_sampler.train"
 
 # Config fields whose change between a run and its resumption changes the result (a warning is logged).
 _RESULT_FIELDS = ("dataset", "data_root", "train_images", "train_annotations", "hflip", "arch", "backbone",
-                  "sampler", "weights", "min_size", "max_size", "iterations", "batch_size", "lr", "momentum",
-                  "weight_decay", "warmup_iters", "warmup_factor", "lr_steps", "lr_gamma", "clip_grad_norm",
-                  "amp", "seed")
+                  "sampler", "weights", "backbone_weights", "trainable_backbone_layers", "min_size", "max_size",
+                  "iterations", "batch_size", "lr", "momentum", "weight_decay", "warmup_iters", "warmup_factor",
+                  "lr_steps", "lr_gamma", "clip_grad_norm", "amp", "seed")
 
 
 # ---------------------------------------------------------------------- learning rate
@@ -357,14 +357,27 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     if resume_path is not None:
         state = load_checkpoint(resume_path)
         logger.info("resuming from %s (iteration %d)", resume_path, state["iteration"])
-        old = config_from_checkpoint(state, resume_path).to_dict()
-        new = config.to_dict()
+        trained = config_from_checkpoint(state, resume_path)
+        if backbone_layout(trained) != backbone_layout(config):
+            raise ValueError(f"resume checkpoint {resume_path} has backbone layout {backbone_layout(trained)}, this "
+                             f"run {backbone_layout(config)} (set by weights, backbone_weights and "
+                             "trainable_backbone_layers): resume with the settings it was trained with")
+        old, new = trained.to_dict(), config.to_dict()
         changed = [k for k in _RESULT_FIELDS if old.get(k) != new.get(k)]
         if changed:
             logger.warning("resuming with changed settings %s: the result will differ from an uninterrupted "
                            "run", ", ".join(changed))
     elif config.resume == "auto":
         logger.info("resume=auto: no %s in %s, starting from scratch", LAST, config.output_dir)
+
+    if state is None:  # the initial weights files are read after the data: check them first
+        for name in ("weights", "backbone_weights"):
+            path = getattr(config, name)
+            if path is not None and not os.path.isfile(os.path.expanduser(path)):
+                raise FileNotFoundError(f"{name} file {path!r} does not exist" + (
+                    "; torchvision's ImageNet ResNets are fetched (once, on a connected machine) with e.g. "
+                    "python -c \"import torchvision; torchvision.models.resnet50(weights='IMAGENET1K_V1')\"; "
+                    "they land in ~/.cache/torch/hub/checkpoints" if name == "backbone_weights" else ""))
 
     seed_everything(config.seed)
 
