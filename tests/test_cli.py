@@ -88,6 +88,13 @@ def test_config_json_round_trip(tmp_path):
     assert TrainConfig.from_file(str(path)) == cfg
 
 
+def test_data_paths_in_a_file_imply_coco_as_the_flags_do(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('train_images = "a"\ntrain_annotations = "a.json"\neval_at_end = false\n')
+    assert TrainConfig.from_file(str(path)).dataset == "coco"
+    assert parse("--train-images", "a", "--train-annotations", "a.json", "--no-eval-at-end").dataset == "coco"
+
+
 def test_unknown_keys_are_named(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("iteration = 5\nlearning_rate = 0.1\n")
@@ -114,7 +121,8 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     ({"lr": -1.0}, "lr"), ({"iterations": 0}, "iterations"), ({"arch": "yolo"}, "arch"),
     ({"batch_size": 2.5}, "batch_size"), ({"amp": "yes"}, "amp"), ({"lr_steps": [5, 3]}, "lr_steps"),
     ({"min_size": 200, "max_size": 100}, "max_size"), ({"device": "tpu"}, "device"),
-    ({"dataset": "coco"}, "train_images"), ({"train_images": "x"}, "train_images"),
+    ({"dataset": "coco"}, "train_images"), ({"train_images": "x"}, "train_annotations"),
+    ({"dataset": "synthetic", "train_images": "x"}, "train_images is set but dataset is 'synthetic'"),
     ({"sampler": {"num_bins": 0}}, "num_bins"),
 ])
 def test_bad_values_name_the_field(settings, field):

@@ -123,6 +123,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """Build from a plain dict (as in a config file). Unknown keys raise ``ValueError`` naming them.
 
+        Without a ``dataset`` key, ``train_images`` or ``train_annotations`` imply ``dataset = "coco"``.
         ``d["sampler"]`` may be a dict of SamplerConfig fields, optionally with ``preset`` (a name for
         ``SamplerConfig.preset`` whose method fields apply first; the other keys then override them), or a
         preset name string. Fields not given keep the defaults of ``default_sampler()``.
@@ -135,6 +136,9 @@ class TrainConfig:
             raise ValueError(f"unknown training config key(s): {', '.join(unknown)} "
                              f"(known: {', '.join(sorted(names))})")
         values = dict(d)
+        # Paths to your own data imply dataset = coco unless the dataset is named (as the CLI's flags do).
+        if "dataset" not in values and any(values.get(k) is not None for k in ("train_images", "train_annotations")):
+            values["dataset"] = "coco"
         if "sampler" in values:
             values["sampler"] = sampler_from_value(values["sampler"])
         cfg = cls(**values)
