@@ -73,7 +73,7 @@ def report(runs: list[dict], variants: list[tuple[str, str]], seeds: list[int], 
     by = {(r["variant"], r["seed"]): r for r in runs}
     base = variants[0][0]
     lines = [f"# Samplers over {len(seeds)} seeds (seeds {', '.join(map(str, seeds))})", "",
-             f"`overlap-sampler train {shlex.join(common)}` + the variant's flags, `--seed N --threads 1`. "
+             f"`{shlex.join(['overlap-sampler', 'train', *common])}` + the variant's flags, `--seed N --threads 1`. "
              f"AP in percent on the validation set; mean ± sample standard deviation over seeds. "
              f"Δ {base}: the paired difference with `{base}` at the same seed (mean ± std, and in how many "
              f"seeds the variant is higher).", ""]
