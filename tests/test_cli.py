@@ -88,6 +88,11 @@ def test_config_json_round_trip(tmp_path):
     assert TrainConfig.from_file(str(path)) == cfg
 
 
+def test_coco_without_validation_files_trains_without_the_final_evaluation():
+    cfg = TrainConfig.from_dict({"train_images": "i", "train_annotations": "a.json", "eval_at_end": False})
+    assert cfg.dataset == "coco" and cfg.val_images is None
+
+
 def test_data_paths_in_a_file_imply_coco_as_the_flags_do(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text('train_images = "a"\ntrain_annotations = "a.json"\neval_at_end = false\n')
@@ -123,6 +128,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     ({"min_size": 200, "max_size": 100}, "max_size"), ({"device": "tpu"}, "device"),
     ({"dataset": "coco"}, "train_images"), ({"train_images": "x"}, "train_annotations"),
     ({"dataset": "synthetic", "train_images": "x"}, "train_images is set but dataset is 'synthetic'"),
+    ({"train_images": "i", "train_annotations": "a.json"}, "val_images is required with dataset = 'coco'"),
     ({"sampler": {"num_bins": 0}}, "num_bins"),
 ])
 def test_bad_values_name_the_field(settings, field):

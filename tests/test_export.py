@@ -233,6 +233,48 @@ def test_evaluate_checkpoint(checkpoint_and_data, tmp_path, capsys):
     assert default == metrics
 
 
+def test_evaluate_checkpoint_reads_the_synthetic_data_where_the_run_did(tmp_path, monkeypatch):
+    import overlap_sampler.data as data
+    from overlap_sampler.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+    from overlap_sampler.engine.config import TrainConfig
+    from overlap_sampler.engine.evaluate import evaluate_checkpoint
+
+    config = TrainConfig(data_root=str(tmp_path / "cache"), min_size=64, max_size=64)
+    model = build_detector("fasterrcnn", 4, backbone="small", min_size=64, max_size=64, sampler=config.sampler)
+    path = save_checkpoint({"format": CHECKPOINT_FORMAT, "iteration": 1, "model": model.state_dict(),
+                            "config": config.to_dict(), "num_classes": 4, "category_ids": [1, 2, 3]},
+                           str(tmp_path / "run"))
+    roots = []
+
+    class Stop(Exception):
+        pass
+
+    def recording_synthetic_dataset(split, root=None):
+        roots.append(root)
+        raise Stop
+
+    monkeypatch.setattr(data, "synthetic_dataset", recording_synthetic_dataset)
+    for dataset in ("synthetic", "checkpoint"):
+        with pytest.raises(Stop):
+            evaluate_checkpoint(path, dataset=dataset, device="cpu", progress=False)
+    assert roots == [str(tmp_path / "cache")] * 2
+
+
+def test_export_checks_every_reloaded_run(tmp_path):
+    class SecondRunDiffers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            self.calls += 1
+            boxes = torch.tensor([[1.0, 2.0, 30.0, 40.0]]) + float(self.calls > 1)
+            return [{"boxes": boxes} for _ in images]
+
+    with pytest.raises(RuntimeError, match="run 2"):
+        export_torchscript(SecondRunDiffers(), str(tmp_path / "m.pt"), example_images(32, count=1))
+
+
 def test_evaluate_checkpoint_rejects_other_categories(checkpoint_and_data, tmp_path):
     from overlap_sampler.engine.evaluate import evaluate_checkpoint
 

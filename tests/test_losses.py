@@ -84,6 +84,11 @@ def test_weights_scale_each_roi_and_keep_the_normaliser():
     per = torch.nn.functional.smooth_l1_loss(
         deltas.reshape(10, 4, 4)[pos, lab[pos]], tgt[pos], beta=BETA, reduction="none").sum(1)
     torch.testing.assert_close(box, (wt[pos] * per).sum() / 10)
+    # The weights scale the gradients too (weighting a detached term would give the value, not the gradient).
+    reference = (wt * ce).sum() / 10 + (wt[pos] * per).sum() / 10
+    for got, expected in zip(torch.autograd.grad(cls + box, [logits, deltas]),
+                             torch.autograd.grad(reference, [logits, deltas])):
+        torch.testing.assert_close(got, expected)
 
 
 def test_no_positives_gives_zero_box_loss_and_finite_gradients():

@@ -148,6 +148,54 @@ def test_gather_equals_the_ops_indices():
         torch.testing.assert_close(weights[b], res.weights[b][: idx.numel()])
 
 
+NON_DEFAULT_CONFIGS = {  # each setting the op would otherwise take at its own default
+    "pos_key": SamplerConfig(batch_size_per_image=48, pos_key="all"),
+    "hard_thresh": SamplerConfig(batch_size_per_image=48, neg_strategy="hard", hard_thresh=0.2),
+    "num_bins": SamplerConfig(batch_size_per_image=48, num_bins=4),
+    "bin_upper": SamplerConfig(batch_size_per_image=48, bin_upper=0.6),
+}
+
+
+@pytest.mark.parametrize("name", list(NON_DEFAULT_CONFIGS))
+def test_every_sampler_setting_reaches_the_op(name, monkeypatch):
+    config = NON_DEFAULT_CONFIGS[name]
+    seen = {}
+    op = torch.ops.overlap_sampler.sample
+
+    def recording_sample(*args, **kwargs):
+        seen.update(kwargs)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(torch.ops.overlap_sampler, "sample", recording_sample)
+    props, targets = _inputs([200, 80], [4, 2], seed=7)
+    _head(config).select_weighted_training_samples(props, targets)
+    for field in dataclasses.fields(SamplerConfig):
+        if field.name != "sampler":
+            assert seen[field.name] == getattr(config, field.name), field.name
+
+    # And the head's samples are the op's for those settings (same generator state).
+    head = _head(config)
+    head.generator = torch.Generator().manual_seed(3)
+    props, targets = _inputs([300, 150], [6, 3], seed=7)
+    boxes = head.select_weighted_training_samples(props, targets)[0]
+    all_gt = torch.cat([t["boxes"] for t in targets])
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(SamplerConfig) if f.name != "sampler"}
+    res = op(torch.cat(props), overlap_sampler.splits_from_counts([len(p) for p in props]), all_gt,
+             overlap_sampler.splits_from_counts([len(t["boxes"]) for t in targets]),
+             generator=torch.Generator().manual_seed(3), **settings)
+    examples = torch.cat([torch.cat(props), all_gt])
+    for b in range(len(props)):
+        assert torch.equal(boxes[b], examples[res[0][b][res[0][b] >= 0]])
+
+
+def test_from_roi_heads_keeps_validate_inputs_and_generator():
+    head = _head(SamplerConfig())
+    generator = torch.Generator()
+    head.validate_inputs, head.generator = False, generator
+    new = OverlapRoIHeads.from_roi_heads(head, SamplerConfig(num_bins=3))
+    assert new.validate_inputs is False and new.generator is generator
+
+
 def test_global_seed_and_generator_make_sampling_reproducible():
     head = _head(SamplerConfig(batch_size_per_image=32))
     props, targets = _inputs([300, 200], [6, 3], seed=2)

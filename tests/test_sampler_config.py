@@ -93,3 +93,11 @@ def test_presets():
         SamplerConfig.preset(name).validate()
     with pytest.raises(ValueError, match="preset 'best'"):
         SamplerConfig.preset("best")
+
+
+def test_num_bins_bounds_are_inclusive():
+    assert SamplerConfig(num_bins=1).num_bins == 1  # one bin: uniform
+    assert SamplerConfig(num_bins=64).num_bins == 64
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="num_bins"):
+            SamplerConfig(num_bins=bad)

@@ -123,6 +123,51 @@ def test_data_order_is_resumable_and_sharded():
         assert ranks[0][it] + ranks[1][it] == full[2 * it] + full[2 * it + 1]
     other_seed = list(IterationBatchSampler(n, batch, seed=6, start_position=0, num_batches=6, hflip=0.5))
     assert other_seed != full
+    # Seed 1's first epoch is not seed 0's second (as it would be with an epoch seed of seed + epoch).
+    one_epoch_later = list(IterationBatchSampler(n, n, seed=5, start_position=n, num_batches=1, hflip=0.5))
+    assert list(IterationBatchSampler(n, n, seed=6, start_position=0, num_batches=1, hflip=0.5)) != one_epoch_later
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    from overlap_sampler.engine.checkpoint import get_rng_state, set_rng_state
+
+    state = get_rng_state()
+    first = (np.random.rand(3).tolist(), random.random(), torch.rand(2).tolist())
+    set_rng_state(state)
+    assert (np.random.rand(3).tolist(), random.random(), torch.rand(2).tolist()) == first
+
+
+def test_flip_clipping_and_nms_settings_reach_the_run(tiny_data, tmp_path, monkeypatch):
+    from overlap_sampler.detection import build_detector
+    from overlap_sampler.engine.train import FlipDataset
+
+    flips = []
+    get_item = FlipDataset.__getitem__
+
+    def recording_get_item(self, key):
+        flips.append(key[1])
+        return get_item(self, key)
+
+    monkeypatch.setattr(FlipDataset, "__getitem__", recording_get_item)
+    torch.manual_seed(0)
+    model = build_detector("fasterrcnn", 4, backbone="small", min_size=64, max_size=96)
+    torch.save(model.state_dict(), tmp_path / "init.pth")
+    lr, clip = 0.5, 1e-3
+    train(tiny_config(tiny_data, tmp_path / "run", iterations=1, eval_at_end=False, hflip=1.0, box_nms_thresh=0.4,
+                      weights=str(tmp_path / "init.pth"), lr=lr, momentum=0.0, weight_decay=0.0, warmup_iters=0,
+                      clip_grad_norm=clip))
+    assert flips and all(flips)
+    # One plain SGD step moves the weights by lr times the clipped gradient.
+    after = load_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))["model"]
+    before = model.state_dict()
+    step = torch.sqrt(sum(((after[n] - before[n]).double() ** 2).sum() for n, _ in model.named_parameters()))
+    assert 0 < step <= lr * clip * 1.001
+    reloaded, _ = load_model_from_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))
+    assert reloaded.roi_heads.nms_thresh == 0.4
 
 
 def test_flip_moves_boxes_and_masks_with_the_image():
