@@ -7,6 +7,7 @@ go through the CLI in subprocesses with timeouts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -235,6 +236,22 @@ def test_amp_on_cpu_is_ignored_with_a_note(tiny_data, tmp_path):
     log = (tmp_path / "run" / "train.log").read_text()
     assert "amp=true needs CUDA" in log
     assert "the LR warm-up (warmup_iters=2) lasts until the end of the run: the LR never reaches lr=0.02" in log
+
+
+def test_images_much_larger_than_the_resize_are_logged():
+    from types import SimpleNamespace
+
+    from overlap_sampler.engine.train import _resize_note
+
+    def dataset(*sizes):
+        return SimpleNamespace(coco=SimpleNamespace(imgs={i: {"width": w, "height": h}
+                                                          for i, (w, h) in enumerate(sizes)}))
+
+    cfg = TrainConfig()  # min_size 128
+    assert _resize_note(cfg, dataset((128, 128), (300, 256), (900, 250))) is None  # median short side 250
+    note = _resize_note(cfg, dataset((640, 480), (640, 427), (100, 90)))
+    assert note.startswith("the training images (median short side 427 px) are shrunk to min_size=128, max_size=224")
+    assert _resize_note(dataclasses.replace(cfg, min_size=800, max_size=1333), dataset((640, 480))) is None
 
 
 @pytest.mark.parametrize("iterations, warmup_iters, lr_steps, warned", [

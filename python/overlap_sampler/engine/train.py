@@ -64,6 +64,17 @@ def lr_at(config: TrainConfig, iteration: int) -> float:
     return config.lr * factor
 
 
+def _resize_note(config: TrainConfig, dataset) -> str | None:
+    """A warning when the images are much larger than the resize target (the CPU-sized defaults
+    min_size 128 / max_size 224 kept for one's own large images), else None."""
+    sides = sorted(min(info["width"], info["height"]) for info in dataset.coco.imgs.values())
+    if not sides or sides[len(sides) // 2] <= 2 * config.min_size:
+        return None
+    return (f"the training images (median short side {sides[len(sides) // 2]} px) are shrunk to min_size="
+            f"{config.min_size}, max_size={config.max_size}; for full resolution set min_size / max_size "
+            "(torchvision's detectors use 800 / 1333)")
+
+
 def _warm_up_note(config: TrainConfig) -> str | None:
     """A warning when the warm-up outlasts the run or reaches its first LR step (legal, but a short run
     that keeps the default warm-up never trains at its LR), else None."""
@@ -400,6 +411,9 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
         raise ValueError(f"resume checkpoint {resume_path} was trained on categories {state['category_ids']}, "
                          f"the training data has {category_ids}")
     logger.info("training images: %d, classes: %d (+ background)", len(train_set), num_classes - 1)
+    resize_note = _resize_note(config, train_set)
+    if resize_note:
+        logger.warning(resize_note)
 
     # ---- model and optimisation
     model = build_model_for(config, num_classes, initial_weights=state is None).to(device)
