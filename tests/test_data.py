@@ -419,19 +419,34 @@ def test_malformed_files_raise_dataset_error_naming_file_and_record(tmp_path, ca
     assert isinstance(info.value, ValueError)
 
 
-def test_image_size_mismatch_is_reported_when_loading(tmp_path):
+def test_image_size_mismatch_is_reported_up_front(tmp_path):
     image_dir, annotation_file = write_tiny_coco(tmp_path, _set(["images", 1, "width"], 7))
-    dataset = CocoDetection(image_dir, annotation_file)  # sizes are only known from the pixels
     with pytest.raises(DatasetError) as info:
-        dataset[0]
+        CocoDetection(image_dir, annotation_file)  # the header is read, not the pixels
     message = str(info.value)
     for fragment in [os.path.join(image_dir, "a.png"), "image id 4", annotation_file, "6x5", "7x5"]:
         assert fragment in message, (fragment, message)
 
 
-def test_unreadable_image_is_reported_when_loading(tmp_path):
+def test_an_image_changed_after_the_check_is_reported_when_loading(tmp_path):
+    image_dir, annotation_file = write_tiny_coco(tmp_path)
+    dataset = CocoDetection(image_dir, annotation_file)
+    Image.new("RGB", (7, 5)).save(os.path.join(image_dir, "a.png"))
+    with pytest.raises(DatasetError, match="image id 4.*image is 7x5 .* says 6x5"):
+        dataset[0]
+
+
+def test_unreadable_image_is_reported(tmp_path):
     image_dir, annotation_file = write_tiny_coco(tmp_path)
     pathlib.Path(image_dir, "a.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="image id 4.*cannot read image"):
+        CocoDetection(image_dir, annotation_file)
+    # A truncated file has a readable header: it fails when its pixels are decoded.
+    image_dir, annotation_file = write_tiny_coco(tmp_path / "truncated")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)).save(
+        os.path.join(image_dir, "a.jpg"))
+    data = pathlib.Path(image_dir, "a.jpg").read_bytes()
+    pathlib.Path(image_dir, "a.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(DatasetError, match="image id 4.*cannot read image"):
         CocoDetection(image_dir, annotation_file)[0]
 
@@ -487,4 +502,4 @@ def test_exif_rotated_image_mismatch_names_the_orientation(tmp_path):
     exif[0x0112] = 6  # stored 6x5, displayed turned by 90 degrees: 5x6, as the file says
     Image.new("RGB", (W, H)).save(os.path.join(image_dir, "a.jpg"), exif=exif)
     with pytest.raises(DatasetError, match=r"image is 6x5 .* says 5x6; the file's EXIF orientation \(6\)"):
-        CocoDetection(image_dir, annotation_file)[0]
+        CocoDetection(image_dir, annotation_file)

@@ -1,8 +1,9 @@
 """COCO-format detection datasets on pycocotools, validated up front.
 
 A COCO instances file is checked record by record when the dataset is built (structure, ids,
-boxes, image files), so a broken file fails before training starts, with a message naming the file
-and the record. Only what needs the pixels (the image's real size) is checked when an item is loaded.
+boxes, masks, image files and their sizes, read from the headers), so a broken file fails before
+training starts, with a message naming the file and the record. Only an image whose pixels cannot
+be decoded fails later, when it is loaded.
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ class CocoDetection(torch.utils.data.Dataset):
         image_ids: COCO image ids in dataset order (increasing id); item ``i`` is ``image_ids[i]``.
 
     Raises:
-        DatasetError: on a malformed file or record (see :meth:`_validate`), or a missing image file;
-            when an item is loaded, on an unreadable image or one whose size differs from the json's.
+        DatasetError: on a malformed file or record (see :meth:`_validate`), a missing or unreadable
+            image file or one whose size differs from the json's; when an item is loaded, on pixels
+            that cannot be decoded (a truncated file) or an image changed since.
     """
 
     def __init__(self, image_dir: str, annotation_file: str, *, masks: bool = False) -> None:
@@ -183,9 +185,9 @@ class CocoDetection(torch.utils.data.Dataset):
     def _validate(self, data: dict) -> None:
         """Cheap checks of every record, so a broken file fails before training starts.
 
-        Images: ``id`` int, unique; ``file_name`` str naming an existing file; ``width``/``height``
-        positive ints. Categories: ``id`` int, unique. Annotations: ``id`` int, unique; ``image_id``
-        and ``category_id`` of an existing image/category; ``bbox`` 4 finite numbers with
+        Images: ``id`` int, unique; ``file_name`` str naming an existing image file whose header
+        gives ``width`` x ``height`` (positive ints). Categories: ``id`` int, unique. Annotations:
+        ``id`` int, unique; ``image_id`` and ``category_id`` of an existing image/category; ``bbox`` 4 finite numbers with
         non-negative width/height, inside its image up to :data:`BOX_TOLERANCE` pixels;
         ``iscrowd`` 0/1 and ``area`` a finite number when present; with ``masks=True`` a
         well-formed ``segmentation`` (polygons of an even number of finite numbers; parts of fewer
@@ -211,6 +213,7 @@ class CocoDetection(torch.utils.data.Dataset):
             path = os.path.join(self.image_dir, name)
             if not os.path.isfile(path):
                 raise self._fail(record, f"image file not found: {path}")
+            self._check_size(path, img)  # the header only: about 20 us an image
             sizes[img["id"]] = (img["width"], img["height"])
 
         categories: set[int] = set()
@@ -292,28 +295,40 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def _check_size(self, path: str, info: dict, image: Image.Image | None = None) -> None:
+        """DatasetError unless the image file (or its opened ``image``) has the json's size."""
+        record = f"image id {info['id']}"
+        try:
+            with contextlib.nullcontext(image) if image is not None else Image.open(path) as im:
+                if im.size == (info["width"], info["height"]):
+                    return
+                size, orientation = im.size, im.getexif().get(_EXIF_ORIENTATION, 1)
+        except (OSError, ValueError) as e:  # PIL raises UnidentifiedImageError (an OSError) etc.
+            raise DatasetError(f"{path} ({record} of {self.annotation_file}): cannot read image ({e})") from None
+        rotated = orientation in (5, 6, 7, 8) and size == (info["height"], info["width"])
+        raise DatasetError(
+            f"{path} ({record} of {self.annotation_file}): image is {size[0]}x{size[1]} (width x height) "
+            f"but the annotation file says {info['width']}x{info['height']}"
+            + (f"; the file's EXIF orientation ({orientation}) turns it by 90 degrees for display, but "
+               "images are read as stored (as pycocotools and torchvision do): annotate the stored "
+               "pixels, or save the image turned" if rotated else ""))
+
     def _load_image(self, info: dict) -> torch.Tensor:
         path = os.path.join(self.image_dir, info["file_name"])
         record = f"image id {info['id']}"
         try:
             with Image.open(path) as im:
-                size, orientation = im.size, im.getexif().get(_EXIF_ORIENTATION, 1)
+                self._check_size(path, info, im)  # again: the file may have changed since
                 if im.mode in _WIDE_GRAY_MODES:
                     gray = np.asarray(im, dtype=np.float32) / 65535.0
                     image = torch.from_numpy(np.clip(gray, 0.0, 1.0)).expand(3, *gray.shape).contiguous()
                 else:
                     rgb = np.array(im.convert("RGB"))  # a writable copy for torch.from_numpy
                     image = torch.from_numpy(rgb).permute(2, 0, 1).to(torch.float32).div_(255.0).contiguous()
+        except DatasetError:
+            raise
         except (OSError, ValueError) as e:  # PIL raises UnidentifiedImageError (an OSError) etc.
             raise DatasetError(f"{path} ({record} of {self.annotation_file}): cannot read image ({e})") from None
-        if size != (info["width"], info["height"]):
-            rotated = orientation in (5, 6, 7, 8) and size == (info["height"], info["width"])
-            raise DatasetError(
-                f"{path} ({record} of {self.annotation_file}): image is {size[0]}x{size[1]} (width x height) "
-                f"but the annotation file says {info['width']}x{info['height']}"
-                + (f"; the file's EXIF orientation ({orientation}) turns it by 90 degrees for display, but "
-                   "images are read as stored (as pycocotools and torchvision do): annotate the stored "
-                   "pixels, or save the image turned" if rotated else ""))
         return image
 
     def _decode_mask(self, seg: Any, height: int, width: int) -> np.ndarray:
