@@ -187,13 +187,14 @@ class CocoDetection(torch.utils.data.Dataset):
 
         Images: ``id`` int, unique; ``file_name`` str naming an existing image file whose header
         gives ``width`` x ``height`` (positive ints). Categories: ``id`` int, unique. Annotations:
-        ``id`` int, unique; ``image_id`` and ``category_id`` of an existing image/category; ``bbox`` 4 finite numbers with
-        non-negative width/height, inside its image up to :data:`BOX_TOLERANCE` pixels;
-        ``iscrowd`` 0/1 and ``area`` a finite number when present; with ``masks=True`` a
-        well-formed ``segmentation`` (polygons of an even number of finite numbers; parts of fewer
-        than 3 points are skipped when decoding, an empty list gives an empty mask; or an RLE whose
-        size matches the image). Missing ``area`` is filled
-        with the box area and missing ``iscrowd`` with 0 (pycocotools' evaluation reads both).
+        ``id`` int, unique; ``image_id`` and ``category_id`` of an existing image/category; ``bbox``
+        4 finite numbers with non-negative width/height, inside its image up to
+        :data:`BOX_TOLERANCE` pixels; ``iscrowd`` 0/1 and ``area`` a finite number when present;
+        with ``masks=True`` a well-formed ``segmentation`` (polygons of an even number of finite
+        numbers; parts of fewer than 3 points are skipped when decoding, an empty list gives an
+        empty mask; or an RLE whose size matches the image and whose runs cover it exactly).
+        Missing ``area`` is filled with the box area and missing ``iscrowd`` with 0 (pycocotools'
+        evaluation reads both).
         """
         sizes: dict[int, tuple[int, int]] = {}
         for k, img in enumerate(data["images"]):
