@@ -8,7 +8,8 @@ changes). One seed is an anecdote; the spread across seeds says how much of a ga
     python benchmarks/sampler_ab.py --variant hard="--neg-strategy hard" --variant linear="--neg-strategy linear"
 
 Each run trains with one thread (`--threads 1`, deterministic on CPU), `--jobs` of them at a time;
-a run whose `eval.json` exists is read, not repeated, so an interrupted comparison continues.
+a run whose `eval.json` exists is read, not repeated, so an interrupted comparison continues (a run
+folder left by other settings is an error, never reused).
 Writes `<out>/ab-<name>.md` and `.json`.
 """
 
@@ -45,11 +46,21 @@ def parse_variant(text: str) -> tuple[str, str]:
 
 
 def train_once(name: str, flags: str, seed: int, common: list[str], run_dir: Path) -> dict:
-    """One training run (skipped when its evaluation exists); returns its box (and mask) AP."""
-    eval_file = run_dir / "eval.json"
+    """One training run (skipped when its evaluation exists); returns its box (and mask) AP.
+
+    The run's settings are recorded in its folder: a folder left by other settings is never reused
+    or resumed, since its results would be reported under this command line."""
+    eval_file, record = run_dir / "eval.json", run_dir / "ab_settings.json"
+    settings = {"train_flags": [*shlex.split(flags), *common], "seed": seed}
+    if run_dir.exists() and any(run_dir.iterdir()):
+        recorded = json.loads(record.read_text()) if record.exists() else None
+        if recorded != settings:
+            raise RuntimeError(f"{run_dir} holds a run of other settings ({recorded or 'unrecorded'}, not "
+                               f"{settings}): remove it or choose another --runs-dir")
     if not eval_file.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "overlap_sampler.cli", "train", *shlex.split(flags), *common,
+        record.write_text(json.dumps(settings))
+        cmd = [sys.executable, "-m", "overlap_sampler.cli", "train", *settings["train_flags"],
                "--seed", str(seed), "--threads", "1", "--no-progress", "--resume", "auto",
                "--output-dir", str(run_dir)]
         start = time.perf_counter()

@@ -394,8 +394,13 @@ MALFORMED = {
     "compressed-rle-too-short": (_set([*ANN, "segmentation", "counts"], "0"), ["annotation id 11", "cover 0 pixels"]),
     "compressed-rle-garbage": (_set([*ANN, "segmentation", "counts"], "~~~ not rle"),
                                ["annotation id 11", "not a valid RLE string"]),
-    "compressed-rle-unterminated": (_set([*ANN, "segmentation", "counts"], "1O"),  # 'O': more digits follow
+    "compressed-rle-negative-run": (_set([*ANN, "segmentation", "counts"], "1O"),  # 'O' = -1 (sign bit)
                                     ["annotation id 11", "not a valid RLE string"]),
+    # The full-cover encoding of UNCOMPRESSED_MASK, then 'P' (continuation bit set, no digit after it).
+    "compressed-rle-unterminated": (
+        _set([*ANN, "segmentation", "counts"],
+             mask_utils.encode(np.asfortranarray(UNCOMPRESSED_MASK))["counts"].decode("ascii") + "P"),
+        ["annotation id 11", "not a valid RLE string"]),
     "polygon-odd": (_set(["annotations", 0, "segmentation"], [[1, 1, 4, 1, 4]]), ["annotation id 10", "polygon 0"]),
     "segmentation-missing": (_set([*ANN, "segmentation"], None), ["annotation id 11", "'segmentation'"]),
     "image-file-missing": (_set(["images", 1, "file_name"], "nope.png"), ["image id 4", "nope.png", "not found"]),
@@ -467,6 +472,8 @@ def test_compressed_rle_counts_match_pycocotools_encoding():
         encoded = mask_utils.encode(np.asfortranarray(mask))["counts"].decode("ascii")
         assert compressed_rle_counts(encoded) == rle_counts(mask)
     assert compressed_rle_counts("") == []
+    assert compressed_rle_counts("1P") is None  # unterminated: 'P' says more characters follow
+    assert compressed_rle_counts("1O") is None  # 'O' is -1: a negative run
 
 
 def test_sub_pixel_boxes_are_kept_and_vanishing_ones_left_out(tmp_path):

@@ -22,6 +22,7 @@ from overlap_sampler.engine.evaluate import (  # noqa: E402
     detections_to_coco,
     evaluate,
     format_table,
+    same_size_batches,
     write_metrics,
 )
 
@@ -393,3 +394,11 @@ def test_perfect_detector_on_the_synthetic_dataset(tmp_path):
     assert sum(len(data.coco.getAnnIds(imgIds=[i])) for i in data.image_ids) > 0
     for iou_type in ("bbox", "segm"):
         assert metrics[iou_type]["AP"] == pytest.approx(1.0), iou_type
+
+
+def test_image_ids_that_are_not_the_jsons_run_one_image_at_a_time(coco_file):
+    dataset = IdImageDataset(coco_file)
+    dataset.image_ids = [f"img{i}" for i in range(3)]  # not COCO ids: sizes unknown
+    assert same_size_batches(dataset, 4) == [[0], [1], [2]]
+    dataset.image_ids = [11, 12, 13]
+    assert same_size_batches(dataset, 2) == [[0, 1], [2]]

@@ -230,7 +230,9 @@ def test_evaluate_checkpoint(checkpoint_and_data, tmp_path, capsys):
         warnings.simplefilter("ignore")
         default = evaluate_checkpoint(checkpoint, output_dir=str(tmp_path / "default"), device="cpu",
                                       batch_size=3, progress=False)
-    assert default == metrics
+    assert default.keys() == metrics.keys()
+    for iou_type in metrics:  # batched arithmetic may round differently
+        assert default[iou_type] == pytest.approx(metrics[iou_type], abs=1e-3)
 
 
 def test_evaluate_checkpoint_reads_the_synthetic_data_where_the_run_did(tmp_path, monkeypatch):

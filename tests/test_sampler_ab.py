@@ -21,17 +21,22 @@ def ab():
     return module
 
 
-def write_eval(run_dir: Path, ap: float, segm: bool = False) -> None:
-    """A finished run: its eval.json as `train` writes it (fractions, not percent)."""
+TRAIN_ARGS = "--dataset synthetic --data-root /nonexistent"  # keeps the script from generating the dataset
+
+
+def write_eval(run_dir: Path, ap: float, segm: bool = False, flags: str | None = None) -> None:
+    """A finished run: its eval.json as `train` writes it (fractions, not percent), and the settings
+    record the script writes (the preset named by the folder, TRAIN_ARGS, the seed)."""
     run_dir.mkdir(parents=True)
+    name, seed = run_dir.name.rsplit("-seed", 1)
+    flags = f"--sampler {name} {TRAIN_ARGS}" if flags is None else flags
+    (run_dir / "ab_settings.json").write_text(json.dumps({"train_flags": flags.split(), "seed": int(seed)}))
     metrics = {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.1, "APs": ap, "APm": ap, "APl": -1.0}
     (run_dir / "eval.json").write_text(json.dumps({"bbox": metrics, **({"segm": metrics} if segm else {})}))
 
 
 def run_main(ab, monkeypatch, *argv: str) -> None:
-    # --dataset keeps the script from generating the built-in dataset.
-    monkeypatch.setattr(sys, "argv", ["sampler_ab.py", "--train-args", "--dataset synthetic --data-root /nonexistent",
-                                      *argv])
+    monkeypatch.setattr(sys, "argv", ["sampler_ab.py", "--train-args", TRAIN_ARGS, *argv])
     ab.main()
 
 
@@ -68,10 +73,21 @@ def test_mask_ap_gets_its_own_table(ab, tmp_path, monkeypatch):
     assert "| `overlap` | `--sampler overlap` | 30.0 |" in table  # one seed: no spread
 
 
+def test_a_run_of_other_settings_is_never_reused(ab, tmp_path, monkeypatch):
+    write_eval(tmp_path / "runs" / "random-seed0", 0.3, flags=f"--sampler random --arch maskrcnn {TRAIN_ARGS}")
+    with pytest.raises(RuntimeError, match=r"random-seed0 holds a run of other settings .*--arch.* remove it"):
+        run_main(ab, monkeypatch, "--variant", "random", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"),
+                 "--out", str(tmp_path / "out"))
+    (tmp_path / "runs" / "random-seed0" / "ab_settings.json").unlink()  # unrecorded: refused too
+    with pytest.raises(RuntimeError, match="unrecorded"):
+        run_main(ab, monkeypatch, "--variant", "random", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"),
+                 "--out", str(tmp_path / "out"))
+
+
 def test_a_failed_run_names_its_log(ab, tmp_path, monkeypatch):
     # --lr -1 is a config error: train exits at once without an eval.json.
     monkeypatch.setattr(sys, "argv", ["sampler_ab.py", "--variant", "bad=--lr -1", "--seeds", "0",
-                                      "--train-args", "--dataset synthetic --data-root /nonexistent",
+                                      "--train-args", TRAIN_ARGS,
                                       "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
     with pytest.raises(RuntimeError, match=r"bad seed 0 failed .*stdout\.log"):
         ab.main()

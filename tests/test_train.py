@@ -322,7 +322,7 @@ def test_resume_explicit_path_must_exist(tiny_data, tmp_path):
         train(cfg)
 
 
-def test_imagenet_backbone_run_reloads_and_resumes_only_with_its_layout(tiny_data, tmp_path):
+def test_imagenet_backbone_run_reloads_and_resumes_with_its_layout(tiny_data, tmp_path):
     import torchvision
 
     torch.manual_seed(8)
@@ -331,6 +331,7 @@ def test_imagenet_backbone_run_reloads_and_resumes_only_with_its_layout(tiny_dat
                     stop_after=1, eval_at_end=False)
     train(tiny_config(tiny_data, tmp_path / "run", **settings))
     state = load_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))
+    assert state["backbone_layout"] == {"frozen_batchnorm": True, "trainable_backbone_layers": 3}
     assert not any(k.endswith("num_batches_tracked") for k in state["model"])  # frozen BatchNorm
     model, _ = load_model_from_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state["model"].items())
@@ -339,11 +340,34 @@ def test_imagenet_backbone_run_reloads_and_resumes_only_with_its_layout(tiny_dat
     assert torch.equal(state["model"]["backbone.body.layer1.0.conv1.weight"], imagenet["layer1.0.conv1.weight"])
     assert not torch.equal(state["model"]["backbone.body.layer2.0.conv1.weight"], imagenet["layer2.0.conv1.weight"])
 
-    with pytest.raises(ValueError, match=r"backbone layout \{'frozen_batchnorm': True, 'trainable_backbone_layers': 3\}"
-                                         r", this run \{'frozen_batchnorm': False, 'trainable_backbone_layers': 5\}"):
-        train(tiny_config(tiny_data, tmp_path / "run", **{**settings, "backbone_weights": None, "resume": "auto"}))
-    train(tiny_config(tiny_data, tmp_path / "run", **{**settings, "stop_after": None, "resume": "auto"}))
-    assert load_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))["iteration"] == 2
+    # Resumed with settings that imply another layout: the checkpoint's layout goes on, with a warning.
+    train(tiny_config(tiny_data, tmp_path / "run", **{**settings, "backbone_weights": None, "stop_after": None,
+                                                       "resume": "auto"}))
+    state = load_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))
+    assert state["iteration"] == 2 and state["backbone_layout"]["frozen_batchnorm"]
+    assert "continuing with the checkpoint's" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_checkpoints_of_older_versions_resume_with_trainable_batchnorm(tiny_data, tmp_path):
+    """Before backbone_layout was stored, ResNets always had trainable BatchNorm and 5 trainable stages,
+    even with `weights` set (which now implies torchvision's frozen layout)."""
+    from overlap_sampler.engine.checkpoint import save_checkpoint
+
+    settings = dict(backbone="resnet18_fpn", iterations=2, stop_after=1, eval_at_end=False)
+    train(tiny_config(tiny_data, tmp_path / "run", **settings))
+    old = load_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))
+    del old["backbone_layout"]
+    torch.save(old["model"], tmp_path / "init.pth")
+    old["config"]["weights"] = str(tmp_path / "init.pth")
+    save_checkpoint(old, str(tmp_path / "run"))
+
+    model, _ = load_model_from_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))
+    assert isinstance(model.backbone.body.bn1, torch.nn.BatchNorm2d)
+    train(tiny_config(tiny_data, tmp_path / "run", **{**settings, "weights": str(tmp_path / "init.pth"),
+                                                       "stop_after": None, "resume": "auto"}))
+    state = load_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))
+    assert state["iteration"] == 2
+    assert state["backbone_layout"] == {"frozen_batchnorm": False, "trainable_backbone_layers": 5}
 
 
 def test_missing_initial_weights_fail_before_the_data_is_read(tiny_data, tmp_path):

@@ -59,7 +59,7 @@ def compressed_rle_counts(counts: str) -> list[int] | None:
 
     The format of pycocotools' ``rleFrString``: each run is a little-endian base-32 number, 5 bits
     per character (``chr(48 + bits)``, bit 5 = more characters follow, bit 4 of the last = sign),
-    and from the third run on the value is a difference to the run two before. pycocotools itself
+    and from the fourth run on the value is a difference to the run two before. pycocotools itself
     does not check the string and decodes a bad one from memory it never wrote, so a file is
     checked with this before its masks are decoded.
     """

@@ -191,12 +191,22 @@ def backbone_layout(config: TrainConfig) -> dict[str, Any]:
             else layers}
 
 
-def build_model_for(config: TrainConfig, num_classes: int, *, initial_weights: bool = True) -> torch.nn.Module:
+def checkpoint_layout(state: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
+    """The backbone layout a checkpoint was trained with: stored in it since this version; older
+    versions always built ResNets with trainable BatchNorm and every stage trainable."""
+    if "backbone_layout" in state:
+        return dict(state["backbone_layout"])
+    return {} if config.backbone == "small" else {"frozen_batchnorm": False, "trainable_backbone_layers": 5}
+
+
+def build_model_for(config: TrainConfig, num_classes: int, *, initial_weights: bool = True,
+                    layout: dict[str, Any] | None = None) -> torch.nn.Module:
     """The detector ``config`` describes (``initial_weights=False`` skips ``config.weights``: used when a
-    checkpoint's state dict is about to replace them anyway)."""
+    checkpoint's state dict is about to replace them anyway). ``layout`` overrides
+    :func:`backbone_layout` (a checkpoint's own, see :func:`checkpoint_layout`)."""
     from ..detection import build_detector
 
-    resnet = backbone_layout(config)
+    resnet = dict(backbone_layout(config) if layout is None or config.backbone == "small" else layout)
     if resnet:
         resnet["backbone_weights"] = _expand(config.backbone_weights) if initial_weights else None
     return build_detector(config.arch, num_classes, backbone=config.backbone, sampler=config.sampler,
@@ -232,7 +242,8 @@ def model_from_checkpoint_state(state: dict[str, Any], path: str,
                                 map_location: Any = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
     """:func:`load_model_from_checkpoint` for a checkpoint already loaded (``path`` names it in errors)."""
     config = config_from_checkpoint(state, path)
-    model = build_model_for(config, int(state["num_classes"]), initial_weights=False)
+    model = build_model_for(config, int(state["num_classes"]), initial_weights=False,
+                            layout=checkpoint_layout(state, config))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

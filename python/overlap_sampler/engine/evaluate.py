@@ -147,16 +147,20 @@ def same_size_batches(dataset, batch_size: int) -> list[list[int]]:
 
     torchvision's detectors pad each batch to its largest image, so in a batch of mixed sizes an
     image's detections depend on its neighbours and the AP would change with the batch size.
-    Images of one size are padded alike, whether alone or together. Sizes come from the COCO
-    ``images`` records; a dataset without ``image_ids`` is evaluated one image at a time.
+    Images of one size are padded alike, whether alone or together (the batched arithmetic may
+    still round differently in the last bits). Sizes come from the COCO ``images`` records; a
+    dataset without ``image_ids`` that are the json's ids is evaluated one image at a time.
     Within a size the dataset order is kept; sizes come in the order they first appear.
     """
+    one_at_a_time = [[index] for index in range(len(dataset))]
     image_ids = getattr(dataset, "image_ids", None)
     if image_ids is None or len(image_ids) != len(dataset):
-        return [[index] for index in range(len(dataset))]
+        return one_at_a_time
     groups: dict[tuple[int, int], list[int]] = {}
     for index, image_id in enumerate(image_ids):
-        info = dataset.coco.imgs[image_id]
+        info = dataset.coco.imgs.get(image_id) if isinstance(image_id, int) else None
+        if info is None or "height" not in info or "width" not in info:
+            return one_at_a_time  # ids that are not the json's: sizes unknown
         groups.setdefault((info["height"], info["width"]), []).append(index)
     return [group[k:k + batch_size] for group in groups.values() for k in range(0, len(group), batch_size)]
 
@@ -179,7 +183,8 @@ def evaluate(model: torch.nn.Module, dataset, *, device: str | torch.device = "c
             ``.category_ids``).
         device: where to run the model.
         batch_size: images per forward pass, at most; a batch holds images of one size only
-            (see :func:`same_size_batches`), so the AP does not depend on it.
+            (see :func:`same_size_batches`), so the padding, and thus the AP, does not depend on
+            it (up to rounding).
         progress: show a tqdm bar.
         verbose: let COCOeval print its own output.
 
@@ -280,7 +285,7 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint
             checkpoint's (``last_checkpoint.pth`` -> ``eval_last_checkpoint.json``), so the
             ``eval.json`` that training wrote is never overwritten.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
-        batch_size: images per forward pass, at most (the AP does not depend on it, see
+        batch_size: images per forward pass, at most (the padding does not depend on it, see
             :func:`same_size_batches`).
 
     Returns:

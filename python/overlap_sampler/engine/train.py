@@ -37,8 +37,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import distributed as D
-from .checkpoint import (CHECKPOINT_FORMAT, LAST, backbone_layout, build_model_for, config_from_checkpoint,
-                         get_rng_state, load_checkpoint, save_checkpoint, set_rng_state)
+from .checkpoint import (CHECKPOINT_FORMAT, LAST, backbone_layout, build_model_for, checkpoint_layout,
+                         config_from_checkpoint, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state)
 from .config import TrainConfig
 
 LOGGER_NAME = "overlap_sampler.train"
@@ -348,7 +348,7 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     if config.amp and not use_amp:
         logger.warning("amp=true needs CUDA; training on %s in float32 instead", device)
     warm_up_note = _warm_up_note(config)
-    if warm_up_note:
+    if warm_up_note and info.is_main:  # other ranks log warnings too: once is enough
         logger.warning(warm_up_note)
 
     # ---- resume state (read on every rank: each restores its own generators)
@@ -365,14 +365,17 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
         raise resolved
     resume_path = resolved
     state = None
+    layout = None  # the backbone layout: the config's, or a resumed checkpoint's
     if resume_path is not None:
         state = load_checkpoint(resume_path)
         logger.info("resuming from %s (iteration %d)", resume_path, state["iteration"])
         trained = config_from_checkpoint(state, resume_path)
-        if backbone_layout(trained) != backbone_layout(config):
-            raise ValueError(f"resume checkpoint {resume_path} has backbone layout {backbone_layout(trained)}, this "
-                             f"run {backbone_layout(config)} (set by weights, backbone_weights and "
-                             "trainable_backbone_layers): resume with the settings it was trained with")
+        layout = checkpoint_layout(state, trained)
+        if layout != backbone_layout(config):
+            # The model and optimizer state only fit the layout they were trained with.
+            logger.warning("resume checkpoint %s has backbone layout %s, this config %s (set by weights, "
+                           "backbone_weights and trainable_backbone_layers): continuing with the checkpoint's",
+                           resume_path, layout, backbone_layout(config))
         old, new = trained.to_dict(), config.to_dict()
         changed = [k for k in _RESULT_FIELDS if old.get(k) != new.get(k)]
         if changed:
@@ -411,12 +414,13 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
         raise ValueError(f"resume checkpoint {resume_path} was trained on categories {state['category_ids']}, "
                          f"the training data has {category_ids}")
     logger.info("training images: %d, classes: %d (+ background)", len(train_set), num_classes - 1)
-    resize_note = _resize_note(config, train_set)
+    resize_note = _resize_note(config, train_set) if info.is_main else None
     if resize_note:
         logger.warning(resize_note)
 
     # ---- model and optimisation
-    model = build_model_for(config, num_classes, initial_weights=state is None).to(device)
+    model = build_model_for(config, num_classes, initial_weights=state is None, layout=layout).to(device)
+    used_layout = backbone_layout(config) if layout is None else layout
     if device.type == "cuda":
         # The sampler's value checks would read from the GPU every step; the head builds consistent
         # splits itself and torchvision rejects degenerate GT boxes, so keep the step asynchronous.
@@ -484,7 +488,7 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
             "format": CHECKPOINT_FORMAT, "iteration": iteration, "model": core.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
             "scaler": scaler.state_dict() if use_amp else {}, "config": config.to_dict(),
-            "num_classes": num_classes, "category_ids": category_ids,
+            "num_classes": num_classes, "category_ids": category_ids, "backbone_layout": used_layout,
             "category_names": list(getattr(train_set, "category_names", [])), "rng": rngs, "log_window": windows,
             "data": {"seed": config.seed, "position": position}, "history": history,
             "elapsed": elapsed_before + (time.perf_counter() - t_start), "world_size": info.world_size,
