@@ -270,6 +270,12 @@ def test_imagenet_backbone_weights_fill_the_trunk(tmp_path):
         build_detector("fasterrcnn", 3, backbone="resnet18_fpn", backbone_weights=str(tmp_path / "nope.pth"))
 
 
+def test_weights_paths_expand_the_home_folder(tmp_path, small_state, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save(small_state, tmp_path / "model.pth")
+    _assert_loaded(build_detector("fasterrcnn", 3, backbone="small", weights="~/model.pth"), small_state)
+
+
 def test_random_init_keeps_trainable_batchnorm_everywhere():
     model = build_detector("fasterrcnn", 3, backbone="resnet18_fpn")
     assert isinstance(model.backbone.body.bn1, torch.nn.BatchNorm2d)

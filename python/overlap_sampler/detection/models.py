@@ -255,12 +255,12 @@ _CLASS_HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_l
 
 def _read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
     """A state dict from ``path``: the file's mapping, or its ``"model"`` / ``"state_dict"`` entry;
-    a ``"module."`` prefix (DistributedDataParallel) stripped."""
+    a ``"module."`` prefix (DistributedDataParallel) stripped. ``~`` is expanded."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.expanduser(path)):
         raise FileNotFoundError(f"{what} file {path!r} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(os.path.expanduser(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
         raise ValueError(f"cannot read {what} file {path!r} as a torch state dict "
                          f"(torch.load weights_only=True): {str(exc).splitlines()[0]}") from exc
