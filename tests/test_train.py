@@ -171,6 +171,15 @@ def test_flip_clipping_and_nms_settings_reach_the_run(tiny_data, tmp_path, monke
     assert reloaded.roi_heads.nms_thresh == 0.4
 
 
+def test_weights_of_another_class_count_are_noted_in_the_log(tiny_data, tmp_path):
+    from overlap_sampler.detection import build_detector
+
+    torch.save(build_detector("fasterrcnn", 7, backbone="small").state_dict(), tmp_path / "seven.pth")
+    train(tiny_config(tiny_data, tmp_path / "run", iterations=1, eval_at_end=False,
+                      weights=str(tmp_path / "seven.pth")))
+    assert "was trained for another number of classes" in (tmp_path / "run" / "train.log").read_text()
+
+
 def test_flip_moves_boxes_and_masks_with_the_image():
     from overlap_sampler.engine.train import FlipDataset
 

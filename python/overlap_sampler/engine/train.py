@@ -29,6 +29,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -419,7 +420,12 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
         logger.warning(resize_note)
 
     # ---- model and optimisation
-    model = build_model_for(config, num_classes, initial_weights=state is None, layout=layout).to(device)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. predictors of another class count
+        warnings.simplefilter("always")
+        model = build_model_for(config, num_classes, initial_weights=state is None, layout=layout).to(device)
+    for warning in caught:
+        if info.is_main:
+            logger.warning("%s", warning.message)
     used_layout = backbone_layout(config) if layout is None else layout
     if device.type == "cuda":
         # The sampler's value checks would read from the GPU every step; the head builds consistent
