@@ -25,6 +25,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..sampling.config import SamplerConfig
+from ..torch_load import load_error_reason
 from .roi_heads import install_sampler
 
 ARCHITECTURES = ("fasterrcnn", "maskrcnn")
@@ -257,13 +258,14 @@ def _read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
     """A state dict from ``path``: the file's mapping, or its ``"model"`` / ``"state_dict"`` entry;
     a ``"module."`` prefix (DistributedDataParallel) stripped. ``~`` is expanded."""
     path = os.fspath(path)
-    if not os.path.isfile(os.path.expanduser(path)):
+    local = os.path.expanduser(path)
+    if not os.path.isfile(local):
         raise FileNotFoundError(f"{what} file {path!r} does not exist")
     try:
-        obj = torch.load(os.path.expanduser(path), map_location="cpu", weights_only=True)
+        obj = torch.load(local, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
         raise ValueError(f"cannot read {what} file {path!r} as a torch state dict "
-                         f"(torch.load weights_only=True): {str(exc).splitlines()[0]}") from exc
+                         f"(torch.load weights_only=True): {load_error_reason(exc)}") from exc
     state = obj
     for key in ("model", "state_dict"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):

@@ -19,9 +19,7 @@ and dicts, so it loads with ``torch.load(weights_only=True)`` (no pickled code i
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import re
 import uuid
 import zipfile
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..torch_load import load_error_reason
 from .config import TrainConfig, apply_preset
 
 CHECKPOINT_FORMAT = 1
@@ -139,16 +138,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        # Only torch's reason, not its advice (retry with weights_only=False), which is wrong for a
-        # file that is no checkpoint.
-        text = str(e)
-        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-        if isinstance(e, pickle.UnpicklingError):
-            reason = "not a torch.save file of tensors and plain containers" + (
-                f": {detail.group(1).split('. ')[0]}" if detail else "")
-        else:
-            reason = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-        raise ValueError(f"checkpoint {path} is not a readable checkpoint ({reason})") from e
+        raise ValueError(f"checkpoint {path} is not a readable checkpoint ({load_error_reason(e)})") from e
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict")
     missing = [k for k in REQUIRED_KEYS if k not in state]
@@ -208,15 +198,12 @@ def build_model_for(config: TrainConfig, num_classes: int, *, initial_weights: b
 
     resnet = dict(backbone_layout(config) if layout is None or config.backbone == "small" else layout)
     if resnet:
-        resnet["backbone_weights"] = _expand(config.backbone_weights) if initial_weights else None
+        resnet["backbone_weights"] = config.backbone_weights if initial_weights else None
     return build_detector(config.arch, num_classes, backbone=config.backbone, sampler=config.sampler,
-                          weights=_expand(config.weights) if initial_weights else None,
+                          weights=config.weights if initial_weights else None,
                           box_nms_thresh=config.box_nms_thresh, min_size=config.min_size,
                           max_size=config.max_size, **resnet)
 
-
-def _expand(path: str | None) -> str | None:
-    return None if path is None else os.path.expanduser(path)
 
 
 def categories_of(state: dict[str, Any]) -> list[dict[str, Any]]:
