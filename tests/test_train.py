@@ -11,10 +11,12 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -231,6 +233,35 @@ def test_fasterrcnn_train_and_eval(tiny_data, tmp_path):
         assert torch.equal(v, state["model"][k])
 
 
+def test_runs_record_absolute_paths(tiny_data, tmp_path, monkeypatch):
+    """Relative and '~' paths are recorded absolute: the checkpoint's own validation set is found from
+    any folder, and config.json reproduces the run from anywhere."""
+    from overlap_sampler.engine.evaluate import evaluate_checkpoint
+
+    train_images, train_ann, val_images, val_ann = tiny_data
+    data_dir = os.path.dirname(train_images)
+    monkeypatch.setenv("HOME", data_dir)
+    monkeypatch.chdir(data_dir)
+    relative = (os.path.relpath(train_images), os.path.relpath(train_ann), "~/" + os.path.relpath(val_images),
+                os.path.relpath(val_ann))
+    run = os.path.relpath(tmp_path / "run")
+    train(tiny_config(relative, run, iterations=2, eval_at_end=True))
+
+    expected = {"train_images": train_images, "train_annotations": train_ann, "val_images": val_images,
+                "val_annotations": val_ann, "output_dir": str(tmp_path / "run")}
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    state = load_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))
+    for key, path in expected.items():
+        assert recorded[key] == state["config"][key] == os.path.abspath(path), key
+
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = evaluate_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"), output_dir="elsewhere",
+                                      device="cpu", batch_size=4, progress=False)
+    assert metrics == json.loads((tmp_path / "run" / "eval.json").read_text())
+
+
 def test_maskrcnn_train_and_eval(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path / "run", arch="maskrcnn", iterations=2)
     result = train(cfg)
@@ -368,6 +399,8 @@ def test_checkpoints_of_older_versions_resume_with_trainable_batchnorm(tiny_data
     del old["backbone_layout"]
     torch.save(old["model"], tmp_path / "init.pth")
     old["config"]["weights"] = str(tmp_path / "init.pth")
+    # Older versions recorded paths as given: relative ones are read from the current folder.
+    old["config"]["train_images"] = os.path.relpath(old["config"]["train_images"])
     save_checkpoint(old, str(tmp_path / "run"))
 
     model, _ = load_model_from_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))
@@ -377,12 +410,14 @@ def test_checkpoints_of_older_versions_resume_with_trainable_batchnorm(tiny_data
     state = load_checkpoint(str(tmp_path / "run" / "last_checkpoint.pth"))
     assert state["iteration"] == 2
     assert state["backbone_layout"] == {"frozen_batchnorm": False, "trainable_backbone_layers": 5}
+    assert "changed settings" not in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_missing_initial_weights_fail_before_the_data_is_read(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path / "run", backbone="resnet18_fpn", backbone_weights="~/nope/r18.pth",
                       train_annotations=str(tmp_path / "not-there.json"))
-    with pytest.raises(FileNotFoundError, match=r"backbone_weights file '~/nope/r18.pth' does not exist; torchvision's "
+    expanded = re.escape(os.path.expanduser("~/nope/r18.pth"))  # the message says where it looked
+    with pytest.raises(FileNotFoundError, match=f"backbone_weights file '{expanded}' does not exist; torchvision's "
                                                 r"ImageNet ResNets are fetched"):
         train(cfg)
 

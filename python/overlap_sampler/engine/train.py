@@ -316,6 +316,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     returned dict is rank 0's (other ranks get ``{"rank": r}``). The process group is destroyed on exit.
     """
     config.validate()
+    config = config.with_absolute_paths()  # recorded in config.json and checkpoints
     threads_before = torch.get_num_threads()
     info = D.init_distributed(config.device)
     if config.threads:
@@ -377,7 +378,8 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
             logger.warning("resume checkpoint %s has backbone layout %s, this config %s (set by weights, "
                            "backbone_weights and trainable_backbone_layers): continuing with the checkpoint's",
                            resume_path, layout, backbone_layout(config))
-        old, new = trained.to_dict(), config.to_dict()
+        # Checkpoints of older versions recorded paths as given: relative ones read from this folder.
+        old, new = trained.with_absolute_paths().to_dict(), config.to_dict()
         changed = [k for k in _RESULT_FIELDS if old.get(k) != new.get(k)]
         if changed:
             logger.warning("resuming with changed settings %s: the result will differ from an uninterrupted "
