@@ -1,7 +1,8 @@
-"""`overlap-sampler` command line: `train`, `eval`, `export`, `demo`, `info`.
+"""`overlap-sampler` command line: `train`, `eval`, `predict`, `export`, `demo`, `info`.
 
     overlap-sampler train [--config FILE.toml|FILE.json] [--flag value ...]
     overlap-sampler eval --checkpoint PATH [--dataset synthetic | --val-images D --val-annotations F]
+    overlap-sampler predict --checkpoint PATH IMAGE_OR_FOLDER ... [--score-thresh 0.5]
     overlap-sampler export --checkpoint PATH --output FILE.pt
     torchrun --nproc_per_node 2 -m overlap_sampler.cli train ...      (DDP: NCCL on CUDA, Gloo on CPU)
 
@@ -155,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="side of the synthetic images the export is verified on [256]")
     ex.add_argument("--device", default="cpu", help="where the verification runs [cpu]")
 
+    pr = commands.add_parser("predict", help="detect objects in image files with a checkpoint",
+                             description="Run a checkpoint's detector on image files and folders (searched "
+                                         "recursively); writes predictions.json and each image drawn with its "
+                                         "detections.")
+    pr.add_argument("images", nargs="+", help="image files and/or folders of images")
+    pr.add_argument("--checkpoint", required=True, help="a checkpoint written by `train`")
+    pr.add_argument("--output-dir", help="where predictions.json and the drawn images go "
+                                         "[predictions/ beside the checkpoint]")
+    pr.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this [0.5]")
+    pr.add_argument("--no-draw", action="store_true", help="write predictions.json only")
+    pr.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N' [auto]")
+    pr.add_argument("--batch-size", type=int, default=1, help="images per forward pass (of one size) [1]")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     demo = commands.add_parser("demo", help="sample a crowded synthetic batch with every negative strategy")
     demo.add_argument("--images", type=int, default=8, help="images in the batch [8]")
     demo.add_argument("--proposals", type=int, default=2000, help="proposals per image [2000]")
@@ -202,6 +217,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                             val_images=args.val_images, val_annotations=args.val_annotations,
                             output_dir=args.output_dir, device=args.device, batch_size=args.batch_size,
                             progress=not args.no_progress)
+    elif args.command == "predict":
+        from .engine.predict import predict_checkpoint
+
+        predict_checkpoint(args.checkpoint, args.images, output_dir=args.output_dir, score_thresh=args.score_thresh,
+                           draw=not args.no_draw, device=args.device, batch_size=args.batch_size,
+                           progress=not args.no_progress)
     elif args.command == "export":
         from .engine.export import export_checkpoint
 

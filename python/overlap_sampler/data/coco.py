@@ -23,6 +23,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from .images import image_to_tensor
+
 __all__ = ["BOX_TOLERANCE", "MIN_BOX_SIDE", "CocoDetection", "DatasetError", "collate",
            "compressed_rle_counts", "decode_rle"]
 
@@ -36,9 +38,6 @@ BOX_TOLERANCE = 1.0
 #: which torchvision's detectors reject mid-training.
 MIN_BOX_SIDE = 0.01
 
-# PIL modes of single-channel images with more than 8 bits (16-bit PNGs open as "I;16" or "I"):
-# PIL's convert("RGB") clips them at 255, so they are scaled by 65535 instead.
-_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I")
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -320,12 +319,7 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 self._check_size(path, info, im)  # again: the file may have changed since
-                if im.mode in _WIDE_GRAY_MODES:
-                    gray = np.asarray(im, dtype=np.float32) / 65535.0
-                    image = torch.from_numpy(np.clip(gray, 0.0, 1.0)).expand(3, *gray.shape).contiguous()
-                else:
-                    rgb = np.array(im.convert("RGB"))  # a writable copy for torch.from_numpy
-                    image = torch.from_numpy(rgb).permute(2, 0, 1).to(torch.float32).div_(255.0).contiguous()
+                image = image_to_tensor(im)
         except DatasetError:
             raise
         except (OSError, ValueError) as e:  # PIL raises UnidentifiedImageError (an OSError) etc.

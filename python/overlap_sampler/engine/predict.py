@@ -1,0 +1,185 @@
+"""Detections of a trained checkpoint on image files: one JSON of boxes (and masks), and each image
+drawn with its detections.
+
+    overlap-sampler predict --checkpoint output/train/last_checkpoint.pth photos/ street.jpg
+
+``predictions.json`` holds, for each image in the order given (folders searched recursively, their
+files sorted by path), its file, size and detections above the score threshold: ``bbox``
+``[x, y, width, height]`` in pixels of the image as stored, ``score``, ``category_id`` and
+``category`` (the dataset's id and name) and, from Mask R-CNN, ``segmentation`` (a COCO RLE of the
+mask thresholded at 0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+from tqdm import tqdm
+
+from ..data.images import read_image
+from .distributed import resolve_device
+from .evaluate import MASK_THRESHOLD, _detections_of, detections_to_coco
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+PREDICTIONS_FILE = "predictions.json"
+# matplotlib's tab10: one colour per label, cycled.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
+
+
+def find_images(inputs: Sequence[str]) -> list[str]:
+    """The image files named by ``inputs``: files as given, folders searched recursively for files
+    ending in :data:`IMAGE_SUFFIXES` (any case), sorted; each file once, in the order first named.
+
+    Raises ``FileNotFoundError`` naming an input that does not exist or a folder without images."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    files: dict[str, None] = {}  # ordered, without repeats
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names
+                           if name.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise FileNotFoundError(f"no image files ({' '.join(IMAGE_SUFFIXES)}) in folder {item!r}")
+            files.update(dict.fromkeys(found))
+        elif os.path.isfile(item):
+            files[item] = None
+        else:
+            raise FileNotFoundError(f"{item!r} is neither an image file nor a folder")
+    if not files:
+        raise ValueError("no images given")
+    return list(files)
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:  # the header only
+            return image.size
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+
+
+def _batches(paths: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Indices of ``paths`` in batches of one image size (torchvision pads a batch to its largest image,
+    so a mixed batch would change an image's detections)."""
+    if batch_size == 1:
+        return [[k] for k in range(len(paths))]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, path in enumerate(paths):
+        groups.setdefault(_image_size(path), []).append(k)
+    return [group[k:k + batch_size] for group in groups.values() for k in range(0, len(group), batch_size)]
+
+
+def _check_settings(score_thresh: float, batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not 0.0 <= score_thresh <= 1.0:
+        raise ValueError(f"score_thresh must be in [0, 1], got {score_thresh!r}")
+
+
+def predict(model: torch.nn.Module, paths: Sequence[str], *, device: str | torch.device = "cpu",
+            batch_size: int = 1, score_thresh: float = 0.5,
+            progress: bool = True) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Run ``model`` (eval mode, ``torch.inference_mode``) on the image files ``paths``.
+
+    Yields ``(index into paths, image float32 [3, H, W] on the CPU, detections)`` per image, batch by
+    batch (images of one size per batch, so not always in the order of ``paths``); detections are
+    torchvision's dicts on the CPU, keeping those with ``score >= score_thresh``. The model's
+    training flag is restored at the end.
+    """
+    _check_settings(score_thresh, batch_size)
+    device = torch.device(device)
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        with torch.inference_mode(), tqdm(total=len(paths), desc="predict", unit="img", disable=not progress,
+                                          file=sys.stderr) as bar:
+            for batch in _batches(paths, batch_size):
+                images = [read_image(paths[k]) for k in batch]
+                outputs = _detections_of(model([image.to(device) for image in images]))
+                for k, image, detections in zip(batch, images, outputs):
+                    keep = detections["scores"] >= score_thresh
+                    yield k, image, {key: value[keep].cpu() for key, value in detections.items()}
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+
+
+def draw_detections(image: torch.Tensor, detections: dict[str, torch.Tensor],
+                    categories: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """``image`` (float [3, H, W] in [0, 1]) as uint8 with the masks filled in and the boxes outlined,
+    each labelled "name score", one colour per category."""
+    drawn = (image * 255).round().clamp(0, 255).to(torch.uint8)
+    labels = detections["labels"].tolist()
+    if not labels:
+        return drawn
+    colors = [PALETTE[(label - 1) % len(PALETTE)] for label in labels]
+    if "masks" in detections:
+        masks = detections["masks"][:, 0] > MASK_THRESHOLD
+        drawn = draw_segmentation_masks(drawn, masks, alpha=0.45, colors=colors)
+    names = [f"{categories[label - 1]['name']} {score:.2f}"
+             for label, score in zip(labels, detections["scores"].tolist())]
+    width = max(1, round(min(image.shape[1:]) / 200))
+    return draw_bounding_boxes(drawn, detections["boxes"], labels=names, colors=colors, width=width)
+
+
+def _drawn_name(path: str, taken: set[str]) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name, k = f"{stem}.png", 1
+    while name in taken:  # same file names from different folders
+        name, k = f"{stem}_{k}.png", k + 1
+    taken.add(name)
+    return name
+
+
+def predict_checkpoint(checkpoint: str, inputs: Sequence[str], *, output_dir: Optional[str] = None,
+                       score_thresh: float = 0.5, draw: bool = True, device: str = "auto", batch_size: int = 1,
+                       progress: bool = True) -> str:
+    """Detect objects in the image files or folders ``inputs`` with a training checkpoint.
+
+    Writes ``output_dir/predictions.json`` (see the module docstring) and, with ``draw``, each image
+    as ``output_dir/<name>.png`` with its detections. ``output_dir`` defaults to ``predictions/``
+    beside the checkpoint. Returns the path of the JSON file.
+    """
+    from .checkpoint import categories_of, load_checkpoint, model_from_checkpoint_state
+
+    _check_settings(score_thresh, batch_size)  # before the model is built
+    paths = find_images(inputs)
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    model, _ = model_from_checkpoint_state(state, checkpoint)
+    categories = categories_of(state)
+    category_ids = [c["category_id"] for c in categories]
+    output_dir = output_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "predictions")
+    os.makedirs(output_dir, exist_ok=True)
+
+    records: list[Optional[dict[str, Any]]] = [None] * len(paths)
+    taken: set[str] = set()
+    for k, image, detections in predict(model, paths, device=resolve_device(device), batch_size=batch_size,
+                                        score_thresh=score_thresh, progress=progress):
+        found = []
+        for label, result in zip(detections["labels"].tolist(), detections_to_coco(detections, k, category_ids)):
+            del result["image_id"]
+            found.append({**result, "category": categories[label - 1]["name"]})
+        record = {"file": paths[k], "width": image.shape[2], "height": image.shape[1], "detections": found}
+        if draw:
+            record["drawn"] = _drawn_name(paths[k], taken)
+            array = draw_detections(image, detections, categories).permute(1, 2, 0).numpy()
+            Image.fromarray(np.ascontiguousarray(array)).save(os.path.join(output_dir, record["drawn"]))
+        records[k] = record
+
+    path = os.path.join(output_dir, PREDICTIONS_FILE)
+    with open(path, "w") as f:
+        json.dump({"checkpoint": os.path.abspath(checkpoint), "score_thresh": score_thresh,
+                   "categories": categories, "images": records}, f)
+    count = sum(len(r["detections"]) for r in records)
+    print(f"{count} detections (score >= {score_thresh:g}) in {len(paths)} images: wrote {path}"
+          + (f" and the drawn images in {output_dir}" if draw else ""))
+    return path

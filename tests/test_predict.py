@@ -1,0 +1,157 @@
+"""`predict`: a checkpoint's detections on image files, against the model run directly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from overlap_sampler.cli import main as cli_main
+from overlap_sampler.detection import build_detector
+from overlap_sampler.engine.predict import PALETTE, draw_detections, find_images, predict_checkpoint
+
+# pycocotools' decode warns under numpy 2 (its own array wrapper); the values are right.
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:__array__ implementation:DeprecationWarning")
+pycocotools_mask = pytest.importorskip("pycocotools.mask")  # not installed on the lent GPU machines
+
+CATEGORIES = [{"label": 1, "category_id": 7, "name": "cat"}, {"label": 2, "category_id": 9, "name": "dog"}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An (untrained) small Mask R-CNN checkpoint of 2 categories with ids 7 and 9."""
+    from overlap_sampler.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+    from overlap_sampler.engine.config import TrainConfig
+
+    config = TrainConfig(arch="maskrcnn", min_size=64, max_size=96)
+    torch.manual_seed(0)
+    model = build_detector("maskrcnn", 3, backbone="small", min_size=64, max_size=96)
+    return save_checkpoint({"format": CHECKPOINT_FORMAT, "iteration": 1, "model": model.state_dict(),
+                            "config": config.to_dict(), "num_classes": 3, "category_ids": [7, 9],
+                            "category_names": ["cat", "dog"]}, str(tmp_path_factory.mktemp("run")))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Four image files: RGB of two sizes, a grey one and an RGBA one (a folder with a sub-folder)."""
+    root = tmp_path_factory.mktemp("images")
+    os.makedirs(root / "sub")
+    rng = np.random.default_rng(0)
+    files = {"a.png": (64, 80, "RGB"), "b.jpg": (64, 80, "RGB"), "sub/c.png": (72, 64, "L"),
+             "sub/d.png": (64, 80, "RGBA")}
+    for name, (height, width, mode) in files.items():
+        channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+        pixels = rng.integers(0, 256, (height // 8, width // 8, channels), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+        Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(root / name)
+    return root
+
+
+def _direct(checkpoint, path, score_thresh):
+    """The checkpoint's model on one file, read without the package's image reader."""
+    from overlap_sampler.engine.checkpoint import load_model_from_checkpoint
+
+    model, _ = load_model_from_checkpoint(checkpoint)
+    with Image.open(path) as im:
+        image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        out = model([image])[0]
+    keep = out["scores"] >= score_thresh
+    return {k: v[keep] for k, v in out.items()}
+
+
+def test_predictions_equal_the_model_run_directly(checkpoint, images, tmp_path, capsys):
+    path = predict_checkpoint(checkpoint, [str(images)], output_dir=str(tmp_path / "out"), score_thresh=0.2,
+                              device="cpu", progress=False)
+    assert path == str(tmp_path / "out" / "predictions.json")
+    result = json.loads(open(path).read())
+    assert result["categories"] == CATEGORIES and result["score_thresh"] == 0.2
+    names = [os.path.relpath(r["file"], images) for r in result["images"]]
+    assert names == ["a.png", "b.jpg", "sub/c.png", "sub/d.png"]  # sorted, recursive
+    total = 0
+    for record in result["images"]:
+        expected = _direct(checkpoint, record["file"], 0.2)
+        found = record["detections"]
+        total += len(found)
+        assert (record["height"], record["width"]) == Image.open(record["file"]).size[::-1]
+        assert len(found) == len(expected["scores"])
+        for detection, box, score, label, mask in zip(found, expected["boxes"], expected["scores"],
+                                                      expected["labels"], expected["masks"]):
+            x1, y1, x2, y2 = box.tolist()
+            assert detection["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=1e-4)
+            assert detection["score"] == pytest.approx(score.item(), abs=1e-6)
+            category = CATEGORIES[label - 1]
+            assert (detection["category_id"], detection["category"]) == (category["category_id"], category["name"])
+            decoded = pycocotools_mask.decode({**detection["segmentation"],
+                                               "counts": detection["segmentation"]["counts"].encode()})
+            assert np.array_equal(decoded.astype(bool), (mask[0] > 0.5).numpy())
+        drawn = Image.open(tmp_path / "out" / record["drawn"])
+        assert drawn.size == (record["width"], record["height"]) and drawn.mode == "RGB"
+    assert total > 0  # a non-vacuous comparison
+    assert f"{total} detections (score >= 0.2) in 4 images" in capsys.readouterr().out
+
+
+def test_batches_of_one_size_give_the_same_predictions(checkpoint, images, tmp_path):
+    runs = []
+    for batch_size in (1, 3):
+        path = predict_checkpoint(checkpoint, [str(images)], output_dir=str(tmp_path / f"b{batch_size}"),
+                                  score_thresh=0.2, device="cpu", batch_size=batch_size, draw=False,
+                                  progress=False)
+        runs.append(json.loads(open(path).read())["images"])
+    assert [r["file"] for r in runs[0]] == [r["file"] for r in runs[1]]  # the order given, not the batches'
+    for one, batched in zip(*runs):
+        assert "drawn" not in one and len(one["detections"]) == len(batched["detections"])
+        for a, b in zip(one["detections"], batched["detections"]):
+            assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-4)
+
+
+def test_find_images(tmp_path):
+    (tmp_path / "x").mkdir()
+    for name in ("x/B.PNG", "x/a.jpeg", "x/notes.txt", "y.webp"):
+        (tmp_path / name).write_bytes(b"")
+    folder, single = str(tmp_path / "x"), str(tmp_path / "y.webp")
+    assert find_images([single, folder, os.path.join(folder, "a.jpeg")]) == [
+        single, os.path.join(folder, "B.PNG"), os.path.join(folder, "a.jpeg")]  # each once, first order
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no image files .* in folder .*empty"):
+        find_images([str(tmp_path / "empty")])
+    with pytest.raises(FileNotFoundError, match="'nope.png' is neither an image file nor a folder"):
+        find_images(["nope.png"])
+
+
+def test_drawn_boxes_and_masks():
+    image = torch.zeros(3, 40, 50)
+    masks = torch.zeros(1, 1, 40, 50)
+    masks[0, 0, 10:20, 10:20] = 0.9
+    detections = {"boxes": torch.tensor([[5.0, 5.0, 30.0, 25.0]]), "scores": torch.tensor([0.8]),
+                  "labels": torch.tensor([2]), "masks": masks}
+    drawn = draw_detections(image, detections, CATEGORIES)
+    color = torch.tensor([int(PALETTE[1][i:i + 2], 16) for i in (1, 3, 5)], dtype=torch.uint8)
+    assert drawn.dtype == torch.uint8 and drawn.shape == (3, 40, 50)
+    assert torch.equal(drawn[:, 15, 5], color)  # the box's left edge in label 2's colour
+    assert drawn[:, 15, 15].sum() > 0 and torch.equal(drawn[:, 35, 45], torch.zeros(3, dtype=torch.uint8))
+    empty = {k: v[:0] for k, v in detections.items()}
+    assert torch.equal(draw_detections(torch.full((3, 4, 4), 0.5), empty, CATEGORIES),
+                       torch.full((3, 4, 4), 128, dtype=torch.uint8))
+
+
+def test_bad_inputs_are_clear_errors(checkpoint, images, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    with pytest.raises(ValueError, match=r"broken\.png: cannot read image"):
+        predict_checkpoint(checkpoint, [str(broken)], output_dir=str(tmp_path / "out"), progress=False)
+    with pytest.raises(ValueError, match=r"score_thresh must be in \[0, 1\], got 1.5"):
+        predict_checkpoint(checkpoint, [str(images)], score_thresh=1.5)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        predict_checkpoint(checkpoint, [str(images)], output_dir=str(tmp_path / "out"), batch_size=0)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*none.pth"):
+        predict_checkpoint(str(tmp_path / "none.pth"), [str(images)])
+    # The command line reports them without a traceback.
+    assert cli_main(["predict", "--checkpoint", checkpoint, str(tmp_path / "missing")]) == 2
+    assert "overlap-sampler predict: error: " in capsys.readouterr().err
+    assert cli_main(["predict", "--checkpoint", checkpoint, str(images / "a.png"), "--no-draw", "--no-progress",
+                     "--output-dir", str(tmp_path / "cli"), "--device", "cpu"]) == 0
+    assert os.listdir(tmp_path / "cli") == ["predictions.json"]
