@@ -399,9 +399,9 @@ def test_install_sampler_on_custom_and_overlap_heads():
         weights=None, weights_backbone=None, num_classes=3, box_fg_iou_thresh=0.6)
     model.roi_heads.fg_bg_sampler = WrappedSampler(model.roi_heads.fg_bg_sampler)
     assert training_sample_settings(model.roi_heads) == {"fg_iou_thresh": 0.6, "bg_iou_thresh": 0.5}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(UserWarning, match=r"fg_bg_sampler \(WrappedSampler\) is replaced") as caught:
         rh = install_sampler(model).roi_heads  # the matcher's 0.6 is kept, the rest are the defaults
+    assert len(caught) == 1
     assert (rh.fg_iou_thresh, rh.batch_size_per_image) == (0.6, 512)
     # Installing again with config=None keeps an OverlapRoIHeads' whole config, edits included.
     install_sampler(model, dataclasses.replace(SamplerConfig.preset("random"), fg_iou_thresh=0.6))
@@ -413,6 +413,88 @@ def test_install_sampler_on_custom_and_overlap_heads():
     # Printing works even after an invalid edit.
     rh.num_bins = 0
     assert "num_bins=0" in repr(rh)
+
+
+def _mobilenet(**kwargs):
+    return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3, **kwargs)
+
+
+def test_install_sampler_names_what_the_new_head_cannot_keep():
+    class FiveDetections(RoIHeads):  # a user's head: its own post-processing
+        def postprocess_detections(self, *args):
+            boxes, scores, labels = super().postprocess_detections(*args)
+            return [b[:5] for b in boxes], [s[:5] for s in scores], [lab[:5] for lab in labels]
+
+        def helper(self):
+            return 1
+
+    model = _mobilenet()
+    h = model.roi_heads
+    model.roi_heads = FiveDetections(h.box_roi_pool, h.box_head, h.box_predictor, 0.5, 0.5, 512, 0.25, None,
+                                     h.score_thresh, h.nms_thresh, h.detections_per_img)
+    with pytest.warns(UserWarning, match="FiveDetections defines helper, postprocess_detections, which the new "
+                                         "OverlapRoIHeads does not have") as caught:
+        install_sampler(model)
+    assert len(caught) == 1
+
+    model = _mobilenet()
+    model.roi_heads.proposal_matcher.allow_low_quality_matches = True
+    with pytest.warns(UserWarning, match="allows low-quality matches"):
+        install_sampler(model)
+    assert not model.roi_heads.proposal_matcher.allow_low_quality_matches
+
+
+def test_install_sampler_keeps_hooks_on_the_head():
+    model = _mobilenet(min_size=64, max_size=64).eval()
+    calls = []
+    handle = model.roi_heads.register_forward_hook(lambda module, args, output: calls.append(type(module)))
+    pre = model.roi_heads.register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    install_sampler(model)
+    with torch.no_grad():
+        model([torch.rand(3, 64, 64)])
+    assert calls == ["pre", OverlapRoIHeads]
+    handle.remove()
+    pre.remove()
+    with torch.no_grad():
+        model([torch.rand(3, 64, 64)])
+    assert len(calls) == 2  # the handles taken before the swap still remove the hooks
+
+
+def test_install_sampler_arguments():
+    model = install_sampler(_mobilenet(box_batch_size_per_image=64), "random")
+    assert model.roi_heads.sampler_config() == dataclasses.replace(SamplerConfig.preset("random"),
+                                                                   batch_size_per_image=64)
+    with pytest.raises(ValueError, match="unknown SamplerConfig preset 'fast'"):
+        install_sampler(_mobilenet(), "fast")
+    with pytest.raises(TypeError, match=r"config must be a SamplerConfig, a preset name or None, got dict "
+                                        r"\(SamplerConfig.from_dict"):
+        install_sampler(_mobilenet(), {"num_bins": 3})
+    with pytest.raises(TypeError, match="DataParallel wraps the detector: install into its .module"):
+        install_sampler(torch.nn.DataParallel(_mobilenet()))
+
+
+def test_random_heads_report_the_method_that_runs():
+    """torchvision's sampler has no strategies or ε: a random head stores the preset's values."""
+    plain = RoIHeads(None, None, None, 0.6, 0.4, 64, 0.5, None, 0.05, 0.5, 100)
+    given = SamplerConfig(sampler="random", neg_strategy="linear", num_bins=5, pos_weight=3.0,
+                          batch_size_per_image=64, positive_fraction=0.5, fg_iou_thresh=0.6, bg_iou_thresh=0.4)
+    head = OverlapRoIHeads.from_roi_heads(plain, given)
+    assert head.sampler_config() == dataclasses.replace(SamplerConfig.preset("random"), batch_size_per_image=64,
+                                                        positive_fraction=0.5, fg_iou_thresh=0.6,
+                                                        bg_iou_thresh=0.4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_weights_stay_float32_with_16_bit_proposals(dtype):
+    """Under autocast the proposals are 16-bit; ε = 1.1 must reach the loss unrounded."""
+    head = _head(SamplerConfig(pos_weight=1.1, batch_size_per_image=64))
+    props, targets = _inputs([200, 150], [4, 3], seed=5)
+    weights = head.select_weighted_training_samples([p.to(dtype) for p in props], targets)[4]
+    for w in weights:
+        assert w.dtype == torch.float32
+    values = set(torch.cat(weights).tolist())
+    assert values == {1.0, torch.tensor(1.1, dtype=torch.float32).item()}
 
 
 def test_mismatched_labels_are_rejected():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import overlap_sampler
@@ -101,3 +102,15 @@ def test_num_bins_bounds_are_inclusive():
     for bad in (0, 65):
         with pytest.raises(ValueError, match="num_bins"):
             SamplerConfig(num_bins=bad)
+
+
+def test_numpy_scalars_are_plain_numbers():
+    config = SamplerConfig(num_bins=np.int64(4), batch_size_per_image=np.int32(256),
+                           positive_fraction=np.float32(0.25), pos_weight=np.float64(2.5), bin_upper=np.float16(0.5))
+    assert config == SamplerConfig(num_bins=4, batch_size_per_image=256, positive_fraction=0.25, pos_weight=2.5,
+                                   bin_upper=0.5)
+    assert [type(v) for v in (config.num_bins, config.positive_fraction, config.pos_weight)] == [int, float, float]
+    assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
+    for bad in ({"num_bins": np.float64(4.0)}, {"num_bins": np.bool_(True)}, {"pos_weight": np.float32("nan")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplerConfig(**bad)

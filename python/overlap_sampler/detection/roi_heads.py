@@ -144,8 +144,15 @@ class OverlapRoIHeads(RoIHeads):
         """Switch the training-sample settings to ``config`` (validated).
 
         Also rebuilds torchvision's matcher and random sampler from it, so the
-        ``"random"`` path uses the same thresholds and budget."""
+        ``"random"`` path uses the same thresholds and budget. With
+        ``sampler="random"`` the method fields (strategies, bins, ε, ...) are
+        stored as the ``"random"`` preset's, which is what torchvision's sampler
+        does, so that :meth:`sampler_config` reports what runs."""
         config.validate()
+        if config.sampler == "random":
+            preset = SamplerConfig.preset("random")
+            config = dataclasses.replace(preset, **{name: getattr(config, name) for name in (
+                "batch_size_per_image", "positive_fraction", "fg_iou_thresh", "bg_iou_thresh")})
         self.sampler = config.sampler
         self.neg_strategy = config.neg_strategy
         self.pos_strategy = config.pos_strategy
@@ -237,7 +244,7 @@ class OverlapRoIHeads(RoIHeads):
             included), index of the matched GT *within the image* (int64, 0 for
             negatives, as torchvision), labels (int64, 0 = background),
             ``box_coder`` targets ``[r_i, 4]`` (zeros for negatives) and loss
-            weights (float, ε / 1). Also sets ``last_num_pos`` / ``last_num_neg``.
+            weights (float32, ε / 1). Also sets ``last_num_pos`` / ``last_num_neg``.
         """
         if self.sampler == "random":
             return self._torchvision_training_samples(proposals, targets)
@@ -308,7 +315,7 @@ class OverlapRoIHeads(RoIHeads):
         local_matched = local_gt_table[flat_matched]
         target_boxes = torch.where(is_pos[:, None], gt_table[flat_matched], boxes)
         regression_targets = self.box_coder.encode_single(target_boxes, boxes)
-        flat_weights = weights.reshape(-1).to(dtype)
+        flat_weights = weights.reshape(-1)  # float32 even under autocast: ε is not rounded to 16 bits
 
         # Each row holds its samples as a prefix (positives, negatives, then
         # -1 padding): one host read of the counts, then plain slices.
@@ -362,7 +369,7 @@ class OverlapRoIHeads(RoIHeads):
             matched_gt_boxes.append(gt_boxes_in_image[matched_idxs[img_id]])
 
         regression_targets = self.box_coder.encode(matched_gt_boxes, proposals)
-        weights = [torch.ones(lab.shape[0], dtype=dtype, device=device) for lab in labels]
+        weights = [torch.ones(lab.shape[0], dtype=torch.float32, device=device) for lab in labels]
         self.last_num_pos = torch.stack([(lab > 0).sum() for lab in labels])
         self.last_num_neg = torch.stack([(lab == 0).sum() for lab in labels])
         return proposals, matched_idxs, labels, list(regression_targets), weights
@@ -525,35 +532,89 @@ def _splits(counts: list[int], device: torch.device) -> Tensor:
     return torch.tensor(offsets, dtype=torch.int64).to(device, non_blocking=True)
 
 
-def install_sampler(model: nn.Module, config: Optional[SamplerConfig] = None) -> nn.Module:
+def install_sampler(model: nn.Module, config: Optional[SamplerConfig | str] = None) -> nn.Module:
     """Swap ``model.roi_heads`` (a torchvision ``RoIHeads``) for an
-    :class:`OverlapRoIHeads`, in place, keeping every submodule, weight and
-    inference setting. Returns ``model``.
+    :class:`OverlapRoIHeads`, in place, keeping every submodule, weight,
+    inference setting and hook registered on the head. Returns ``model``.
 
     ``config=None`` installs the Overlap Sampler's defaults (the ``"overlap"``
     preset) with the head's own training-sample settings: batch size per
     image, positive fraction and IoU thresholds (an :class:`OverlapRoIHeads`
-    keeps its whole config). A ``config`` is installed as given; where its
-    training-sample settings differ from the head's, a ``UserWarning`` names
-    each change, so a model built with, say, ``box_batch_size_per_image=256``
-    does not silently train with 512.
+    keeps its whole config). A preset name (``"overlap"``, ``"random"``,
+    ``"iou_balanced"``) does the same with that preset's method. A
+    :class:`SamplerConfig` is installed as given; where its training-sample
+    settings differ from the head's, a ``UserWarning`` names each change, so a
+    model built with, say, ``box_batch_size_per_image=256`` does not silently
+    train with 512.
+
+    What the new head cannot keep is named in a ``UserWarning``: the methods of
+    a ``RoIHeads`` subclass, a matcher that allows low-quality matches, a
+    replaced ``fg_bg_sampler``.
     """
     roi_heads = getattr(model, "roi_heads", None)
     if not isinstance(roi_heads, RoIHeads):
+        wrapped = getattr(model, "module", None)
+        hint = (f"; {type(model).__name__} wraps the detector: install into its .module (before wrapping "
+                "it in DistributedDataParallel)" if isinstance(getattr(wrapped, "roi_heads", None), RoIHeads)
+                else "")
         raise TypeError(f"model must have a torchvision RoIHeads as .roi_heads (a GeneralizedRCNN such as "
-                        f"FasterRCNN or MaskRCNN); got {type(roi_heads).__name__}")
+                        f"FasterRCNN or MaskRCNN); got {type(roi_heads).__name__}{hint}")
     current = training_sample_settings(roi_heads)
-    if config is None:
-        base = roi_heads.sampler_config() if isinstance(roi_heads, OverlapRoIHeads) else SamplerConfig()
+    if config is None or isinstance(config, str):
+        if config is not None:
+            base = SamplerConfig.preset(config)
+        elif isinstance(roi_heads, OverlapRoIHeads):
+            base = roi_heads.sampler_config()
+        else:
+            base = SamplerConfig()
         config = dataclasses.replace(base, **current)
+    if not isinstance(config, SamplerConfig):
+        raise TypeError(f"config must be a SamplerConfig, a preset name or None, got {type(config).__name__} "
+                        "(SamplerConfig.from_dict builds one from a dict)")
     config.validate()
     changed = [f"{name} {current[name]!r} -> {getattr(config, name)!r}" for name in current
                if getattr(config, name) != current[name]]
     if changed:
         warnings.warn(f"install_sampler: the config replaces the model's {', '.join(changed)}; pass a "
                       "SamplerConfig with the model's values (or config=None) to keep them", stacklevel=2)
-    model.roi_heads = OverlapRoIHeads.from_roi_heads(roi_heads, config)
+    for note in _not_kept(roi_heads):
+        warnings.warn(f"install_sampler: {note}", stacklevel=2)
+    head = OverlapRoIHeads.from_roi_heads(roi_heads, config)
+    _carry_hooks(roi_heads, head)
+    model.roi_heads = head
     return model
+
+
+def _not_kept(roi_heads: RoIHeads) -> list[str]:
+    """What of a torchvision-style head an :class:`OverlapRoIHeads` built from it does not keep."""
+    notes = []
+    # Classes between the head's own class and RoIHeads / OverlapRoIHeads: the user's.
+    own = [c for c in type(roi_heads).__mro__ if issubclass(c, RoIHeads) and c not in (RoIHeads, OverlapRoIHeads)]
+    methods = sorted({name for c in own for name, value in vars(c).items() if not name.startswith("__")
+                      and (callable(value) or isinstance(value, (staticmethod, classmethod, property)))})
+    if methods:
+        notes.append(f"{type(roi_heads).__name__} defines {', '.join(methods)}, which the new OverlapRoIHeads "
+                     "does not have (subclass OverlapRoIHeads to keep them)")
+    if getattr(roi_heads.proposal_matcher, "allow_low_quality_matches", False):
+        notes.append("the head's matcher allows low-quality matches; the sampler matches as torchvision's "
+                     "RoIHeads does, without them")
+    if type(roi_heads.fg_bg_sampler) is not det_utils.BalancedPositiveNegativeSampler:
+        notes.append(f"the head's fg_bg_sampler ({type(roi_heads.fg_bg_sampler).__name__}) is replaced by the "
+                     "configured sampler")
+    return notes
+
+
+# nn.Module's hook tables; the new head shares them, so handles returned before the swap still remove.
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+                "_backward_hooks", "_is_full_backward_hook", "_state_dict_pre_hooks", "_state_dict_hooks",
+                "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    for name in _HOOK_TABLES:
+        if hasattr(old, name):
+            setattr(new, name, getattr(old, name))
 
 
 def training_sample_settings(roi_heads: RoIHeads) -> dict[str, Any]:

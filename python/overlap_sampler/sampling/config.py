@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -62,6 +63,15 @@ class SamplerConfig:
     bg_iou_thresh: float = 0.5
 
     def __post_init__(self) -> None:
+        # NumPy scalars (an np.int64 from an array, an np.float32 from a sweep) are the Python numbers
+        # they hold; the checks below then see ints and floats only.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value) is not int:
+                setattr(self, f.name, int(value))
+            elif isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) \
+                    and type(value) is not float:
+                setattr(self, f.name, float(value))
         # A bad value is named where it is written, not later at build_detector / install_sampler.
         self.validate()
 
