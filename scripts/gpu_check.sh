@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a lent GPU machine whose python3 already has torch,
 # torchvision, pybind11, cmake and pytest: build against that torch (sm_90 only),
-# benchmark, then the CUDA tests and compute-sanitizer (memcheck, racecheck) side by
+# benchmark (the ops, then a training step), then the CUDA tests and compute-sanitizer (memcheck, racecheck) side by
 # side, then a kernel profile with Nsight Compute where it is installed, all within
 # GPU_CHECK_SECONDS (default 570). Logs and benchmark results go to $OUT (default
 # /tmp/gpu_check): 8 files at most, the device tool's limit on what comes back.
@@ -84,6 +84,13 @@ if [ -n "$VARIANT_NAME" ]; then
   echo "variant ($VARIANT_NAME) benchmark rc=$?"
   cp build/variant-bench/*.md "$OUT/variant-$VARIANT_NAME.md"
 fi
+# A training step of the paper's detector (ResNet-50-FPN, 2 images of 800x1333, AMP), Overlap Sampler
+# against torchvision's random sampler: the sampling share of the step (goal: at most 1 %). Its table
+# goes into bench.log (the files that come back are few).
+PYTHONPATH=$PWD/python timeout "$(budget 150)" "$PY" benchmarks/bench_train_step.py --device cuda --amp \
+  --backbone resnet50_fpn --size 800 1333 --batch 2 --rois 512 --classes 81 --steps 10 \
+  --out build/train-step >> "$OUT/bench.log" 2>&1
+echo "training step benchmark rc=$?"
 stamp benchmarked
 
 # The rest in parallel: correctness does not care about sharing the GPU.
@@ -125,4 +132,5 @@ fi
 grep -E "rc=|SUMMARY" "$OUT/sanitizer.log"
 tail -n 4 "$OUT/pytest.log"
 grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c
+grep -A 7 "^# Training step" "$OUT/bench.log"
 for f in "$OUT"/*.md; do echo "--- $f"; grep -E "^\| (16|1|64) \| 2000 |^\| 4 \| (500|100000) |^\| \`" "$f"; done
