@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a lent GPU machine whose python3 already has torch,
 # torchvision, pybind11, cmake and pytest: build against that torch (sm_90 only),
-# benchmark (the ops, then a training step), then the CUDA tests and compute-sanitizer (memcheck, racecheck) side by
-# side, then a kernel profile with Nsight Compute where it is installed, all within
-# GPU_CHECK_SECONDS (default 570). Logs and benchmark results go to $OUT (default
-# /tmp/gpu_check): 8 files at most, the device tool's limit on what comes back.
+# benchmark (the ops, then a training step), then the CUDA tests and compute-sanitizer
+# (memcheck, racecheck) side by side, then a kernel profile with Nsight Compute where
+# it is installed, all within GPU_CHECK_SECONDS (default 570). Logs and benchmark
+# results go to $OUT (default /tmp/gpu_check): 8 files at most, the device tool's
+# limit on what comes back.
 #     OUT=/tmp/out bash scripts/gpu_check.sh
 # A variant is built, checked against the CPU and benchmarked after the default build:
 #   VARIANT_THREADS=1024   the same sources with that many threads per block;
