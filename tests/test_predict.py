@@ -108,6 +108,26 @@ def test_batches_of_one_size_give_the_same_predictions(checkpoint, images, tmp_p
             assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-4)
 
 
+def test_an_exported_model_predicts_as_its_checkpoint(checkpoint, images, tmp_path):
+    from overlap_sampler.engine.export import export_checkpoint
+
+    exported = export_checkpoint(checkpoint, str(tmp_path / "model.pt"), example_image_size=64)
+    results = []
+    for k, model in enumerate((checkpoint, exported)):
+        path = predict_checkpoint(model, [str(images / "sub")], output_dir=str(tmp_path / f"out{k}"),
+                                  score_thresh=0.2, device="cpu", draw=False, progress=False)
+        results.append(json.loads(open(path).read()))
+    assert results[1]["categories"] == results[0]["categories"] == CATEGORIES
+    detections = [[d for image in r["images"] for d in image["detections"]] for r in results]
+    assert len(detections[0]) == len(detections[1]) > 0
+    for a, b in zip(*detections):
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["category"] == b["category"]
+    plain = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(plain))
+    with pytest.raises(ValueError, match="has no categories.json"):
+        predict_checkpoint(str(plain), [str(images)], output_dir=str(tmp_path / "plain"), progress=False)
+
+
 def test_find_images(tmp_path):
     (tmp_path / "x").mkdir()
     for name in ("x/B.PNG", "x/a.jpeg", "x/notes.txt", "y.webp"):

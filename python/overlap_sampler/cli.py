@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "recursively); writes predictions.json and each image drawn with its "
                                          "detections.")
     pr.add_argument("images", nargs="+", help="image files and/or folders of images")
-    pr.add_argument("--checkpoint", required=True, help="a checkpoint written by `train`")
+    pr.add_argument("--checkpoint", required=True, help="a checkpoint written by `train`, or a TorchScript "
+                                                        "file written by `export`")
     pr.add_argument("--output-dir", help="where predictions.json and the drawn images go "
                                          "[predictions/ beside the checkpoint]")
     pr.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this [0.5]")

@@ -1,5 +1,5 @@
-"""Detections of a trained checkpoint on image files: one JSON of boxes (and masks), and each image
-drawn with its detections.
+"""Detections of a trained checkpoint (or an exported TorchScript file) on image files: one JSON of
+boxes (and masks), and each image drawn with its detections.
 
     overlap-sampler predict --checkpoint output/train/last_checkpoint.pth photos/ street.jpg
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
@@ -100,14 +101,18 @@ def predict(model: torch.nn.Module, paths: Sequence[str], *, device: str | torch
     was_training = model.training
     model.eval().to(device)
     try:
-        with torch.inference_mode(), tqdm(total=len(paths), desc="predict", unit="img", disable=not progress,
-                                          file=sys.stderr) as bar:
+        with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr) as bar:
             for batch in _batches(paths, batch_size):
                 images = [read_image(paths[k]) for k in batch]
-                outputs = _detections_of(model([image.to(device) for image in images]))
-                for k, image, detections in zip(batch, images, outputs):
-                    keep = detections["scores"] >= score_thresh
-                    yield k, image, {key: value[keep].cpu() for key, value in detections.items()}
+                # Only around the call: a generator's caller runs between the yields.
+                with torch.inference_mode(), warnings.catch_warnings():
+                    # A scripted detector says at every call that it returns (losses, detections).
+                    warnings.filterwarnings("ignore", "RCNN always returns", UserWarning)
+                    outputs = _detections_of(model([image.to(device) for image in images]))
+                    kept = [{key: value[d["scores"] >= score_thresh].cpu() for key, value in d.items()}
+                            for d in outputs]
+                for k, image, detections in zip(batch, images, kept):
+                    yield k, image, detections
                 bar.update(len(batch))
     finally:
         model.train(was_training)
@@ -140,29 +145,41 @@ def _drawn_name(path: str, taken: set[str]) -> str:
     return name
 
 
+def load_detector(path: str, device: torch.device) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """The detector in ``path`` and its categories (``[{"label", "category_id", "name"}, ...]``): a
+    training checkpoint, or a TorchScript file written by ``export``."""
+    from .checkpoint import _is_torchscript_archive, categories_of, load_checkpoint, model_from_checkpoint_state
+    from .export import load_categories
+
+    if os.path.isfile(path) and _is_torchscript_archive(path):
+        categories = load_categories(path)  # before the model: a file without them is not export's
+        return torch.jit.load(path, map_location=device), categories
+    state = load_checkpoint(path, map_location="cpu")
+    model, _ = model_from_checkpoint_state(state, path)
+    return model, categories_of(state)
+
+
 def predict_checkpoint(checkpoint: str, inputs: Sequence[str], *, output_dir: Optional[str] = None,
                        score_thresh: float = 0.5, draw: bool = True, device: str = "auto", batch_size: int = 1,
                        progress: bool = True) -> str:
-    """Detect objects in the image files or folders ``inputs`` with a training checkpoint.
+    """Detect objects in the image files or folders ``inputs`` with a training checkpoint or a
+    TorchScript file written by ``export``.
 
     Writes ``output_dir/predictions.json`` (see the module docstring) and, with ``draw``, each image
     as ``output_dir/<name>.png`` with its detections. ``output_dir`` defaults to ``predictions/``
     beside the checkpoint. Returns the path of the JSON file.
     """
-    from .checkpoint import categories_of, load_checkpoint, model_from_checkpoint_state
-
     _check_settings(score_thresh, batch_size)  # before the model is built
     paths = find_images(inputs)
-    state = load_checkpoint(checkpoint, map_location="cpu")
-    model, _ = model_from_checkpoint_state(state, checkpoint)
-    categories = categories_of(state)
+    device = resolve_device(device)
+    model, categories = load_detector(checkpoint, device)
     category_ids = [c["category_id"] for c in categories]
     output_dir = output_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "predictions")
     os.makedirs(output_dir, exist_ok=True)
 
     records: list[Optional[dict[str, Any]]] = [None] * len(paths)
     taken: set[str] = set()
-    for k, image, detections in predict(model, paths, device=resolve_device(device), batch_size=batch_size,
+    for k, image, detections in predict(model, paths, device=device, batch_size=batch_size,
                                         score_thresh=score_thresh, progress=progress):
         found = []
         for label, result in zip(detections["labels"].tolist(), detections_to_coco(detections, k, category_ids)):
