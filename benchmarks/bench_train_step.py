@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of torch [1]")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first [3]")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each model [20]")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.amp and args.device == "cpu":
@@ -152,13 +153,13 @@ def main() -> None:
     torch.manual_seed(0)
     overlap = build_detector(args.arch, args.classes, backbone=args.backbone, min_size=short, max_size=long,
                              sampler=SamplerConfig(batch_size_per_image=args.rois))
-    random = copy.deepcopy(overlap)
-    random.roi_heads.set_sampler(SamplerConfig(sampler="random", batch_size_per_image=args.rois))
-    for model in (overlap, random):
+    baseline = copy.deepcopy(overlap)
+    baseline.roi_heads.set_sampler(SamplerConfig(sampler="random", batch_size_per_image=args.rois))
+    for model in (overlap, baseline):
         model.roi_heads.validate_inputs = device.type != "cuda"  # as `overlap-sampler train`
         if args.proposals == "crowded":
             crowd_the_proposals(model, 0.5)
-    steps = {"overlap": TrainStep(overlap, device, args.amp), "random": TrainStep(random, device, args.amp)}
+    steps = {"overlap": TrainStep(overlap, device, args.amp), "random": TrainStep(baseline, device, args.amp)}
     images, targets = make_batch(args.batch, (short, long), args.gt, args.classes, device)
     if args.arch == "maskrcnn":
         for image, target in zip(images, targets):
@@ -169,7 +170,8 @@ def main() -> None:
 
     step_times: dict[str, list[float]] = {name: [] for name in steps}
     total = args.warmup + 2 * args.steps
-    with tqdm(total=total * len(steps), desc="training steps", unit="step", file=sys.stderr) as bar:
+    with tqdm(total=total * len(steps), desc="training steps", unit="step", file=sys.stderr,
+              disable=args.no_progress) as bar:
         for k in range(total):
             if k == args.warmup + args.steps:  # second half: the sampling is timed, steps are not
                 for step in steps.values():

@@ -90,7 +90,7 @@ fi
 # goes into bench.log (the files that come back are few).
 PYTHONPATH=$PWD/python timeout "$(budget 150)" "$PY" benchmarks/bench_train_step.py --device cuda --amp \
   --backbone resnet50_fpn --size 800 1333 --batch 2 --rois 512 --classes 81 --steps 10 \
-  --out build/train-step >> "$OUT/bench.log" 2>&1
+  --no-progress --out build/train-step >> "$OUT/bench.log" 2>&1
 echo "training step benchmark rc=$?"
 stamp benchmarked
 
@@ -133,5 +133,5 @@ fi
 grep -E "rc=|SUMMARY" "$OUT/sanitizer.log"
 tail -n 4 "$OUT/pytest.log"
 grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c
-grep -A 7 "^# Training step" "$OUT/bench.log"
+grep -A 9 "^# Training step" "$OUT/bench.log"
 for f in "$OUT"/*.md; do echo "--- $f"; grep -E "^\| (16|1|64) \| 2000 |^\| 4 \| (500|100000) |^\| \`" "$f"; done

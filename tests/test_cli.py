@@ -129,7 +129,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     ({"dataset": "coco"}, "train_images"), ({"train_images": "x"}, "train_annotations"),
     ({"dataset": "synthetic", "train_images": "x"}, "train_images is set but dataset is 'synthetic'"),
     ({"train_images": "i", "train_annotations": "a.json"}, "val_images is required with dataset = 'coco'"),
-    ({"sampler": {"num_bins": 0}}, "num_bins"),
+    ({"sampler": {"num_bins": 0}}, "num_bins"), ({"output_dir": ""}, "output_dir must be a non-empty path"),
 ])
 def test_bad_values_name_the_field(settings, field):
     with pytest.raises(ValueError, match=field):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -128,13 +129,19 @@ def test_an_exported_model_predicts_as_its_checkpoint(checkpoint, images, tmp_pa
         predict_checkpoint(str(plain), [str(images)], output_dir=str(tmp_path / "plain"), progress=False)
 
 
-def test_find_images(tmp_path):
+def test_find_images(tmp_path, monkeypatch):
     (tmp_path / "x").mkdir()
     for name in ("x/B.PNG", "x/a.jpeg", "x/notes.txt", "y.webp"):
         (tmp_path / name).write_bytes(b"")
     folder, single = str(tmp_path / "x"), str(tmp_path / "y.webp")
     assert find_images([single, folder, os.path.join(folder, "a.jpeg")]) == [
         single, os.path.join(folder, "B.PNG"), os.path.join(folder, "a.jpeg")]  # each once, first order
+    # Absolute paths, one per file however it is spelled; linked folders followed, a cycle once.
+    os.symlink(folder, tmp_path / "x" / "loop")
+    os.symlink(folder, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    assert find_images(["./x/a.jpeg", "x/../x", "link"]) == [os.path.join(folder, "a.jpeg"),
+                                                              os.path.join(folder, "B.PNG")]
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no image files .* in folder .*empty"):
         find_images([str(tmp_path / "empty")])
@@ -158,11 +165,47 @@ def test_drawn_boxes_and_masks():
                        torch.full((3, 4, 4), 128, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_unreadable_files_are_reported_and_the_others_go_on(checkpoint, images, tmp_path, batch_size, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((images / "a.png").read_bytes())
+    (folder / "b.png").write_text("not an image")  # e.g. a truncated download or macOS's ._ files
+    Image.fromarray(np.full((64, 80), 0.5, dtype=np.float32), "F").save(folder / "c.tif")  # no known range
+    wide = np.random.default_rng(1).integers(0, 65536, (64, 80), dtype=np.uint16)
+    Image.fromarray(wide).save(folder / "d.png")  # 16-bit grey: scaled by 65535
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = predict_checkpoint(checkpoint, [str(folder)], output_dir=str(tmp_path / "out"), score_thresh=0.2,
+                                  device="cpu", batch_size=batch_size, progress=False)
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2 and "b.png: cannot read image (cannot identify image file" in messages[0]
+    assert "c.tif: cannot read image (floating-point pixels" in messages[1]
+    records = json.loads(open(path).read())["images"]
+    assert [os.path.basename(r["file"]) for r in records] == ["a.png", "b.png", "c.tif", "d.png"]
+    assert "error" in records[1] and "error" in records[2] and "detections" not in records[1]
+    expected = _direct(checkpoint, str(folder / "a.png"), 0.2)["scores"]
+    assert [d["score"] for d in records[0]["detections"]] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert records[3]["width"] == 80 and "detections" in records[3]
+    assert "in 2 images (2 unreadable files skipped)" in capsys.readouterr().out
+
+
+def test_inputs_are_never_overwritten(checkpoint, images, tmp_path):
+    folder = tmp_path / "in"
+    (folder / "drawn").mkdir(parents=True)
+    for name in ("a.png", "drawn/a.png"):  # a drawn image of an earlier run with the same output folder
+        (folder / name).write_bytes((images / "a.png").read_bytes())
+    before = {name: (folder / name).read_bytes() for name in ("a.png", "drawn/a.png")}
+    with pytest.raises(ValueError, match=r"would overwrite the input image .*drawn/a.png"):
+        predict_checkpoint(checkpoint, [str(folder)], output_dir=str(folder), progress=False)
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    # Without the earlier run's output, the input folder can hold the output: drawn images go to drawn/.
+    (folder / "drawn" / "a.png").unlink()
+    predict_checkpoint(checkpoint, [str(folder / "a.png")], output_dir=str(folder), device="cpu", progress=False)
+    assert (folder / "a.png").read_bytes() == before["a.png"] and (folder / "drawn" / "a.png").is_file()
+
+
 def test_bad_inputs_are_clear_errors(checkpoint, images, tmp_path, capsys):
-    broken = tmp_path / "broken.png"
-    broken.write_text("not an image")
-    with pytest.raises(ValueError, match=r"broken\.png: cannot read image"):
-        predict_checkpoint(checkpoint, [str(broken)], output_dir=str(tmp_path / "out"), progress=False)
     with pytest.raises(ValueError, match=r"score_thresh must be in \[0, 1\], got 1.5"):
         predict_checkpoint(checkpoint, [str(images)], score_thresh=1.5)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):

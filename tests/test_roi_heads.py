@@ -461,6 +461,23 @@ def test_install_sampler_keeps_hooks_on_the_head():
     assert len(calls) == 2  # the handles taken before the swap still remove the hooks
 
 
+def test_state_dict_hooks_are_not_carried_but_named():
+    model = _mobilenet()
+    model.roi_heads.register_load_state_dict_pre_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match="state-dict hooks on the old head are not carried over"):
+        install_sampler(model)
+    model.load_state_dict(model.state_dict())  # no hook of a dead module is called
+
+
+def test_install_sampler_names_what_random_ignores():
+    with pytest.warns(UserWarning, match=r"sampler='random' runs torchvision's sampler, which ignores "
+                                         r"num_bins=5, pos_weight=3.0$"):
+        install_sampler(_mobilenet(), SamplerConfig(sampler="random", num_bins=5, pos_weight=3.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the defaults a plain SamplerConfig(sampler="random") holds
+        install_sampler(_mobilenet(), SamplerConfig(sampler="random"))
+
+
 def test_install_sampler_arguments():
     model = install_sampler(_mobilenet(box_batch_size_per_image=64), "random")
     assert model.roi_heads.sampler_config() == dataclasses.replace(SamplerConfig.preset("random"),

@@ -105,10 +105,12 @@ def test_num_bins_bounds_are_inclusive():
 
 
 def test_numpy_scalars_are_plain_numbers():
-    config = SamplerConfig(num_bins=np.int64(4), batch_size_per_image=np.int32(256),
-                           positive_fraction=np.float32(0.25), pos_weight=np.float64(2.5), bin_upper=np.float16(0.5))
+    config = SamplerConfig(num_bins=np.int64(4), batch_size_per_image=np.int32(256), fg_iou_thresh=np.float32(0.7),
+                           positive_fraction=np.float32(0.25), pos_weight=np.float64(2.5), bin_upper=np.float16(0.7))
     assert config == SamplerConfig(num_bins=4, batch_size_per_image=256, positive_fraction=0.25, pos_weight=2.5,
-                                   bin_upper=0.5)
+                                   bin_upper=0.7, fg_iou_thresh=0.7)  # as printed, not 0.699999988
+    config.pos_weight = np.float32(1.5)  # an edit after construction, then validated
+    assert config.validate().pos_weight == 1.5 and type(config.pos_weight) is float
     assert [type(v) for v in (config.num_bins, config.positive_fraction, config.pos_weight)] == [int, float, float]
     assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
     for bad in ({"num_bins": np.float64(4.0)}, {"num_bins": np.bool_(True)}, {"pos_weight": np.float32("nan")}):

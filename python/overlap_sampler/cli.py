@@ -159,13 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr = commands.add_parser("predict", help="detect objects in image files with a checkpoint",
                              description="Run a checkpoint's detector on image files and folders (searched "
                                          "recursively); writes predictions.json and each image drawn with its "
-                                         "detections.")
+                                         "detections (in drawn/).")
     pr.add_argument("images", nargs="+", help="image files and/or folders of images")
     pr.add_argument("--checkpoint", required=True, help="a checkpoint written by `train`, or a TorchScript "
                                                         "file written by `export`")
     pr.add_argument("--output-dir", help="where predictions.json and the drawn images go "
                                          "[predictions/ beside the checkpoint]")
-    pr.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this [0.5]")
+    pr.add_argument("--score-thresh", type=float, default=0.5,
+                    help="keep detections scoring at least this; the model itself keeps at most 100 an image, "
+                         "scoring at least 0.05 [0.5]")
     pr.add_argument("--no-draw", action="store_true", help="write predictions.json only")
     pr.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N' [auto]")
     pr.add_argument("--batch-size", type=int, default=1, help="images per forward pass (of one size) [1]")

@@ -535,7 +535,7 @@ def _splits(counts: list[int], device: torch.device) -> Tensor:
 def install_sampler(model: nn.Module, config: Optional[SamplerConfig | str] = None) -> nn.Module:
     """Swap ``model.roi_heads`` (a torchvision ``RoIHeads``) for an
     :class:`OverlapRoIHeads`, in place, keeping every submodule, weight,
-    inference setting and hook registered on the head. Returns ``model``.
+    inference setting and forward/backward hook of the head. Returns ``model``.
 
     ``config=None`` installs the Overlap Sampler's defaults (the ``"overlap"``
     preset) with the head's own training-sample settings: batch size per
@@ -547,9 +547,10 @@ def install_sampler(model: nn.Module, config: Optional[SamplerConfig | str] = No
     model built with, say, ``box_batch_size_per_image=256`` does not silently
     train with 512.
 
-    What the new head cannot keep is named in a ``UserWarning``: the methods of
-    a ``RoIHeads`` subclass, a matcher that allows low-quality matches, a
-    replaced ``fg_bg_sampler``.
+    What the new head cannot keep is named in a ``UserWarning``: state-dict
+    hooks, the methods of a ``RoIHeads`` subclass, a matcher that allows
+    low-quality matches, a replaced ``fg_bg_sampler``, and method settings of a
+    ``"random"`` config that torchvision's sampler ignores.
     """
     roi_heads = getattr(model, "roi_heads", None)
     if not isinstance(roi_heads, RoIHeads):
@@ -577,7 +578,7 @@ def install_sampler(model: nn.Module, config: Optional[SamplerConfig | str] = No
     if changed:
         warnings.warn(f"install_sampler: the config replaces the model's {', '.join(changed)}; pass a "
                       "SamplerConfig with the model's values (or config=None) to keep them", stacklevel=2)
-    for note in _not_kept(roi_heads):
+    for note in _not_kept(roi_heads) + _ignored_by_random(config):
         warnings.warn(f"install_sampler: {note}", stacklevel=2)
     head = OverlapRoIHeads.from_roi_heads(roi_heads, config)
     _carry_hooks(roi_heads, head)
@@ -604,17 +605,38 @@ def _not_kept(roi_heads: RoIHeads) -> list[str]:
     return notes
 
 
-# nn.Module's hook tables; the new head shares them, so handles returned before the swap still remove.
+def _ignored_by_random(config: SamplerConfig) -> list[str]:
+    """Method settings of a ``"random"`` config that torchvision's sampler ignores: those set to
+    neither the default nor the preset's value (the defaults are what ``SamplerConfig(sampler=
+    "random")`` holds)."""
+    if config.sampler != "random":
+        return []
+    default, preset = SamplerConfig(), SamplerConfig.preset("random")
+    method = ("neg_strategy", "pos_strategy", "num_bins", "hard_thresh", "bin_upper", "pos_weight", "pos_key")
+    ignored = [f"{name}={getattr(config, name)!r}" for name in method
+               if getattr(config, name) not in (getattr(default, name), getattr(preset, name))]
+    if not ignored:
+        return []
+    return [f"sampler='random' runs torchvision's sampler, which ignores {', '.join(ignored)}"]
+
+
+# nn.Module's forward and backward hook tables. The new head shares them, so handles returned before
+# the swap still remove. Their hooks get the module as an argument when called; state-dict hooks may
+# hold a reference to the old module instead, so they are not carried (a warning says so).
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
-                "_backward_hooks", "_is_full_backward_hook", "_state_dict_pre_hooks", "_state_dict_hooks",
-                "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+                "_backward_hooks", "_is_full_backward_hook")
+_STATE_DICT_HOOK_TABLES = ("_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+                           "_load_state_dict_post_hooks")
 
 
 def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
     for name in _HOOK_TABLES:
         if hasattr(old, name):
             setattr(new, name, getattr(old, name))
+    if any(getattr(old, name, None) for name in _STATE_DICT_HOOK_TABLES):
+        warnings.warn("install_sampler: state-dict hooks on the old head are not carried over: register them "
+                      "on model.roi_heads again", stacklevel=3)
 
 
 def training_sample_settings(roi_heads: RoIHeads) -> dict[str, Any]:

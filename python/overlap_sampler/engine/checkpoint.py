@@ -115,8 +115,9 @@ def save_checkpoint(state: dict[str, Any], output_dir: str) -> str:
     return path
 
 
-def _is_torchscript_archive(path: str) -> bool:
-    # torch.jit.save writes a zip with <archive>/constants.pkl; torch.save's zips have none.
+def is_torchscript_archive(path: str) -> bool:
+    """Whether ``path`` is a ``torch.jit.save`` archive (a zip with ``<archive>/constants.pkl``;
+    ``torch.save``'s zips have none)."""
     try:
         with zipfile.ZipFile(path) as archive:
             return any(name.endswith("/constants.pkl") for name in archive.namelist())
@@ -132,7 +133,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if _is_torchscript_archive(path):
+    if is_torchscript_archive(path):
         raise ValueError(f"checkpoint {path} is a TorchScript model (as `export` writes), not a training "
                          "checkpoint: give the .pth file it was exported from")
     try:
@@ -238,3 +239,16 @@ def model_from_checkpoint_state(state: dict[str, Any], path: str,
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         model.to(torch.device(map_location))
     return model.eval(), config
+
+
+def load_detector(path: str, map_location: Any = "cpu") -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """The detector in ``path`` (eval mode) and its categories (see :func:`categories_of`): from a
+    training checkpoint, or from a TorchScript file written by ``export`` (its ``categories.json``)."""
+    from .export import load_categories
+
+    if os.path.isfile(path) and is_torchscript_archive(path):
+        categories = load_categories(path)  # first: a file without them was not written by export
+        return torch.jit.load(path, map_location=map_location).eval(), categories
+    state = load_checkpoint(path, map_location="cpu")
+    model, _ = model_from_checkpoint_state(state, path, map_location)
+    return model, categories_of(state)

@@ -194,6 +194,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, str) and v):
                 bad(name, "a non-empty path string or unset")
+        if not (isinstance(self.output_dir, str) and self.output_dir):
+            bad("output_dir", "a non-empty path string")
         if self.dataset == "synthetic":
             given = [p for p in paths if getattr(self, p) is not None]
             if given:

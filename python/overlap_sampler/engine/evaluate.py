@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -28,21 +28,12 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from .distributed import resolve_device
+from .export import detections_of
 
 #: The six COCO summary numbers we report, in the order of ``COCOeval.stats[0:6]``.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 MASK_THRESHOLD = 0.5
-
-
-def _detections_of(output: Any) -> list:
-    """The per-image detection dicts, whether the model is eager or scripted.
-
-    A scripted GeneralizedRCNN always returns ``(losses, detections)``.
-    """
-    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], list):
-        return output[1]
-    return output
 
 
 def detections_to_coco(detections: dict, image_id: int, category_ids: list) -> list[dict]:
@@ -212,7 +203,7 @@ def evaluate(model: torch.nn.Module, dataset, *, device: str | torch.device = "c
             for batch in same_size_batches(dataset, batch_size):
                 samples = [dataset[i] for i in batch]
                 images = [image.to(device) for image, _ in samples]
-                outputs = _detections_of(model(images))
+                outputs = detections_of(model(images))
                 if len(outputs) != len(samples):
                     raise RuntimeError(f"the model returned {len(outputs)} detection dicts for "
                                        f"{len(samples)} images")

@@ -27,8 +27,9 @@ CATEGORIES_FILE = "categories.json"
 _OUTPUT_KEYS = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
 
 
-def _detections_of(output: Any) -> list:
-    # A scripted GeneralizedRCNN returns (losses, detections); the eager one, detections.
+def detections_of(output: Any) -> list:
+    """The per-image detection dicts, whether the model is eager or scripted (a scripted
+    GeneralizedRCNN always returns ``(losses, detections)``)."""
     if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], list):
         return output[1]
     return output
@@ -147,10 +148,10 @@ def export_torchscript(model: torch.nn.Module, path: str,
     with torch.no_grad(), no_jit_fusion(), warnings.catch_warnings():
         # Said once in the docstring rather than on every call.
         warnings.filterwarnings("ignore", message="RCNN always returns a")
-        expected = _detections_of(model(images))
+        expected = detections_of(model(images))
         # Two runs: the profiling executor optimises the graph after the first.
         for run in range(2):
-            problems = compare_detections(expected, _detections_of(loaded(images)),
+            problems = compare_detections(expected, detections_of(loaded(images)),
                                           what=f"reloaded TorchScript (run {run + 1})")
             if problems:
                 raise RuntimeError(f"export_torchscript: {path} does not reproduce the eager "

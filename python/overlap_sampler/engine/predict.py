@@ -4,14 +4,16 @@ boxes (and masks), and each image drawn with its detections.
     overlap-sampler predict --checkpoint output/train/last_checkpoint.pth photos/ street.jpg
 
 ``predictions.json`` holds, for each image in the order given (folders searched recursively, their
-files sorted by path), its file, size and detections above the score threshold: ``bbox``
+files sorted by path), its absolute path, size and detections above the score threshold: ``bbox``
 ``[x, y, width, height]`` in pixels of the image as stored, ``score``, ``category_id`` and
 ``category`` (the dataset's id and name) and, from Mask R-CNN, ``segmentation`` (a COCO RLE of the
-mask thresholded at 0.5).
+mask thresholded at 0.5). A file that cannot be read is reported with an ``error`` instead and
+the others go on. Drawn images go to ``drawn/`` in the output folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,57 +27,64 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
-from ..data.images import read_image
+from ..data.images import image_size, read_image
+from .checkpoint import load_detector
 from .distributed import resolve_device
-from .evaluate import MASK_THRESHOLD, _detections_of, detections_to_coco
+from .evaluate import MASK_THRESHOLD, detections_to_coco
+from .export import detections_of
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 PREDICTIONS_FILE = "predictions.json"
+DRAWN_FOLDER = "drawn"
 # matplotlib's tab10: one colour per label, cycled.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
 
 
 def find_images(inputs: Sequence[str]) -> list[str]:
-    """The image files named by ``inputs``: files as given, folders searched recursively for files
-    ending in :data:`IMAGE_SUFFIXES` (any case), sorted; each file once, in the order first named.
+    """The image files named by ``inputs``, as absolute paths: files as given, folders searched
+    recursively (symbolic links followed, each folder once) for files ending in
+    :data:`IMAGE_SUFFIXES` (any case), sorted; each file once (by its real path), in the order
+    first named.
 
     Raises ``FileNotFoundError`` naming an input that does not exist or a folder without images."""
     if isinstance(inputs, str):
         inputs = [inputs]
-    files: dict[str, None] = {}  # ordered, without repeats
+    files: dict[str, str] = {}  # real path -> absolute path as named, in order
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names
-                           if name.lower().endswith(IMAGE_SUFFIXES))
+            found, folders = [], set()
+            for root, dirs, names in os.walk(item, followlinks=True):
+                if os.path.realpath(root) in folders:  # a link back up the tree
+                    dirs[:] = []
+                    continue
+                folders.add(os.path.realpath(root))
+                found += [os.path.join(root, name) for name in names if name.lower().endswith(IMAGE_SUFFIXES)]
             if not found:
                 raise FileNotFoundError(f"no image files ({' '.join(IMAGE_SUFFIXES)}) in folder {item!r}")
-            files.update(dict.fromkeys(found))
+            for path in sorted(found):
+                files.setdefault(os.path.realpath(path), os.path.abspath(path))
         elif os.path.isfile(item):
-            files[item] = None
+            files.setdefault(os.path.realpath(item), os.path.abspath(item))
         else:
             raise FileNotFoundError(f"{item!r} is neither an image file nor a folder")
     if not files:
         raise ValueError("no images given")
-    return list(files)
-
-
-def _image_size(path: str) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:  # the header only
-            return image.size
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+    return list(files.values())
 
 
 def _batches(paths: Sequence[str], batch_size: int) -> list[list[int]]:
     """Indices of ``paths`` in batches of one image size (torchvision pads a batch to its largest image,
-    so a mixed batch would change an image's detections)."""
+    so a mixed batch would change an image's detections). An unreadable file is a batch of its own."""
     if batch_size == 1:
         return [[k] for k in range(len(paths))]
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[Any, list[int]] = {}
     for k, path in enumerate(paths):
-        groups.setdefault(_image_size(path), []).append(k)
+        try:
+            size: Any = image_size(path)
+        except ValueError:
+            size = ("unreadable", k)
+        groups.setdefault(size, []).append(k)
     return [group[k:k + batch_size] for group in groups.values() for k in range(0, len(group), batch_size)]
 
 
@@ -86,15 +95,24 @@ def _check_settings(score_thresh: float, batch_size: int) -> None:
         raise ValueError(f"score_thresh must be in [0, 1], got {score_thresh!r}")
 
 
+@dataclasses.dataclass
+class ImagePrediction:
+    """What :func:`predict` gives for one file: ``image`` float32 ``[3, H, W]`` and ``detections``
+    (torchvision's dict) on the CPU, or, for a file that cannot be read, ``error``."""
+
+    index: int  # into the paths given
+    image: Optional[torch.Tensor] = None
+    detections: Optional[dict[str, torch.Tensor]] = None
+    error: Optional[str] = None
+
+
 def predict(model: torch.nn.Module, paths: Sequence[str], *, device: str | torch.device = "cpu",
-            batch_size: int = 1, score_thresh: float = 0.5,
-            progress: bool = True) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
+            batch_size: int = 1, score_thresh: float = 0.5, progress: bool = True) -> Iterator[ImagePrediction]:
     """Run ``model`` (eval mode, ``torch.inference_mode``) on the image files ``paths``.
 
-    Yields ``(index into paths, image float32 [3, H, W] on the CPU, detections)`` per image, batch by
-    batch (images of one size per batch, so not always in the order of ``paths``); detections are
-    torchvision's dicts on the CPU, keeping those with ``score >= score_thresh``. The model's
-    training flag is restored at the end.
+    Yields an :class:`ImagePrediction` per file, batch by batch (images of one size per batch, so not
+    always in the order of ``paths``), keeping the detections with ``score >= score_thresh``. The
+    model's training flag is restored at the end.
     """
     _check_settings(score_thresh, batch_size)
     device = torch.device(device)
@@ -103,16 +121,23 @@ def predict(model: torch.nn.Module, paths: Sequence[str], *, device: str | torch
     try:
         with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr) as bar:
             for batch in _batches(paths, batch_size):
-                images = [read_image(paths[k]) for k in batch]
-                # Only around the call: a generator's caller runs between the yields.
-                with torch.inference_mode(), warnings.catch_warnings():
-                    # A scripted detector says at every call that it returns (losses, detections).
-                    warnings.filterwarnings("ignore", "RCNN always returns", UserWarning)
-                    outputs = _detections_of(model([image.to(device) for image in images]))
-                    kept = [{key: value[d["scores"] >= score_thresh].cpu() for key, value in d.items()}
-                            for d in outputs]
-                for k, image, detections in zip(batch, images, kept):
-                    yield k, image, detections
+                readable, images = [], []
+                for k in batch:
+                    try:
+                        images.append(read_image(paths[k]))
+                        readable.append(k)
+                    except ValueError as e:
+                        yield ImagePrediction(k, error=str(e))
+                if readable:
+                    # Only around the call: a generator's caller runs between the yields.
+                    with torch.inference_mode(), warnings.catch_warnings():
+                        # A scripted detector says at every call that it returns (losses, detections).
+                        warnings.filterwarnings("ignore", "RCNN always returns", UserWarning)
+                        outputs = detections_of(model([image.to(device) for image in images]))
+                        kept = [{key: value[d["scores"] >= score_thresh].cpu() for key, value in d.items()}
+                                for d in outputs]
+                    for k, image, detections in zip(readable, images, kept):
+                        yield ImagePrediction(k, image, detections)
                 bar.update(len(batch))
     finally:
         model.train(was_training)
@@ -136,27 +161,18 @@ def draw_detections(image: torch.Tensor, detections: dict[str, torch.Tensor],
     return draw_bounding_boxes(drawn, detections["boxes"], labels=names, colors=colors, width=width)
 
 
-def _drawn_name(path: str, taken: set[str]) -> str:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    name, k = f"{stem}.png", 1
-    while name in taken:  # same file names from different folders
-        name, k = f"{stem}_{k}.png", k + 1
-    taken.add(name)
-    return name
-
-
-def load_detector(path: str, device: torch.device) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
-    """The detector in ``path`` and its categories (``[{"label", "category_id", "name"}, ...]``): a
-    training checkpoint, or a TorchScript file written by ``export``."""
-    from .checkpoint import _is_torchscript_archive, categories_of, load_checkpoint, model_from_checkpoint_state
-    from .export import load_categories
-
-    if os.path.isfile(path) and _is_torchscript_archive(path):
-        categories = load_categories(path)  # before the model: a file without them is not export's
-        return torch.jit.load(path, map_location=device), categories
-    state = load_checkpoint(path, map_location="cpu")
-    model, _ = model_from_checkpoint_state(state, path)
-    return model, categories_of(state)
+def drawn_names(paths: Sequence[str]) -> list[str]:
+    """A ``.png`` name per path, unique: the file's own name, numbered where names repeat."""
+    taken: set[str] = set()
+    names = []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, k = f"{stem}.png", 1
+        while name in taken:  # same file names from different folders
+            name, k = f"{stem}_{k}.png", k + 1
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def predict_checkpoint(checkpoint: str, inputs: Sequence[str], *, output_dir: Optional[str] = None,
@@ -166,37 +182,50 @@ def predict_checkpoint(checkpoint: str, inputs: Sequence[str], *, output_dir: Op
     TorchScript file written by ``export``.
 
     Writes ``output_dir/predictions.json`` (see the module docstring) and, with ``draw``, each image
-    as ``output_dir/<name>.png`` with its detections. ``output_dir`` defaults to ``predictions/``
-    beside the checkpoint. Returns the path of the JSON file.
+    as ``output_dir/drawn/<name>.png`` with its detections; never over an input file. ``output_dir``
+    defaults to ``predictions/`` beside the checkpoint. Returns the path of the JSON file.
     """
     _check_settings(score_thresh, batch_size)  # before the model is built
     paths = find_images(inputs)
+    output_dir = output_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "predictions")
+    drawn = [os.path.join(output_dir, DRAWN_FOLDER, name) for name in drawn_names(paths)] if draw else []
+    inputs_real = {os.path.realpath(path): path for path in paths}
+    for target in drawn + [os.path.join(output_dir, PREDICTIONS_FILE)]:
+        overwritten = inputs_real.get(os.path.realpath(target))
+        if overwritten is not None:
+            raise ValueError(f"writing {target} would overwrite the input image {overwritten}: choose another "
+                             "output folder")
     device = resolve_device(device)
     model, categories = load_detector(checkpoint, device)
     category_ids = [c["category_id"] for c in categories]
-    output_dir = output_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "predictions")
-    os.makedirs(output_dir, exist_ok=True)
+    os.makedirs(os.path.join(output_dir, DRAWN_FOLDER) if draw else output_dir, exist_ok=True)
 
-    records: list[Optional[dict[str, Any]]] = [None] * len(paths)
-    taken: set[str] = set()
-    for k, image, detections in predict(model, paths, device=device, batch_size=batch_size,
-                                        score_thresh=score_thresh, progress=progress):
+    records: list[dict[str, Any]] = [{} for _ in paths]
+    for result in predict(model, paths, device=device, batch_size=batch_size, score_thresh=score_thresh,
+                          progress=progress):
+        k = result.index
+        if result.error is not None:
+            warnings.warn(f"skipped: {result.error}", stacklevel=2)
+            records[k] = {"file": paths[k], "error": result.error}
+            continue
+        image, detections = result.image, result.detections
         found = []
-        for label, result in zip(detections["labels"].tolist(), detections_to_coco(detections, k, category_ids)):
-            del result["image_id"]
-            found.append({**result, "category": categories[label - 1]["name"]})
-        record = {"file": paths[k], "width": image.shape[2], "height": image.shape[1], "detections": found}
+        for label, coco in zip(detections["labels"].tolist(), detections_to_coco(detections, k, category_ids)):
+            del coco["image_id"]
+            found.append({**coco, "category": categories[label - 1]["name"]})
+        records[k] = {"file": paths[k], "width": image.shape[2], "height": image.shape[1], "detections": found}
         if draw:
-            record["drawn"] = _drawn_name(paths[k], taken)
+            records[k]["drawn"] = os.path.relpath(drawn[k], output_dir)
             array = draw_detections(image, detections, categories).permute(1, 2, 0).numpy()
-            Image.fromarray(np.ascontiguousarray(array)).save(os.path.join(output_dir, record["drawn"]))
-        records[k] = record
+            Image.fromarray(np.ascontiguousarray(array)).save(drawn[k])
 
     path = os.path.join(output_dir, PREDICTIONS_FILE)
     with open(path, "w") as f:
         json.dump({"checkpoint": os.path.abspath(checkpoint), "score_thresh": score_thresh,
                    "categories": categories, "images": records}, f)
-    count = sum(len(r["detections"]) for r in records)
-    print(f"{count} detections (score >= {score_thresh:g}) in {len(paths)} images: wrote {path}"
-          + (f" and the drawn images in {output_dir}" if draw else ""))
+    count = sum(len(r.get("detections", ())) for r in records)
+    failed = sum("error" in r for r in records)
+    print(f"{count} detections (score >= {score_thresh:g}) in {len(paths) - failed} images"
+          + (f" ({failed} unreadable files skipped)" if failed else "") + f": wrote {path}"
+          + (f" and the drawn images in {os.path.join(output_dir, DRAWN_FOLDER)}" if draw else ""))
     return path

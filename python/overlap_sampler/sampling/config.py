@@ -63,23 +63,23 @@ class SamplerConfig:
     bg_iou_thresh: float = 0.5
 
     def __post_init__(self) -> None:
-        # NumPy scalars (an np.int64 from an array, an np.float32 from a sweep) are the Python numbers
-        # they hold; the checks below then see ints and floats only.
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value) is not int:
-                setattr(self, f.name, int(value))
-            elif isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) \
-                    and type(value) is not float:
-                setattr(self, f.name, float(value))
         # A bad value is named where it is written, not later at build_detector / install_sampler.
         self.validate()
 
     def validate(self) -> "SamplerConfig":
         """Check every field; raise ``ValueError`` naming the first bad one.
 
-        Returns ``self`` so that ``SamplerConfig(...).validate()`` chains.
+        Returns ``self`` so that ``SamplerConfig(...).validate()`` chains. NumPy scalars (an
+        ``np.int64`` from an array, an ``np.float32`` from a sweep) are first replaced by the Python
+        numbers they print as: ``np.float32(0.7)`` is 0.7, not 0.699999988.
         """
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value) is not int:
+                setattr(self, f.name, int(value))
+            elif isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) \
+                    and type(value) is not float:
+                setattr(self, f.name, float(str(value)) if hasattr(value, "dtype") else float(value))
         _one_of("sampler", self.sampler, SAMPLERS)
         _one_of("neg_strategy", self.neg_strategy, NEGATIVE_STRATEGIES)
         _one_of("pos_strategy", self.pos_strategy, POSITIVE_STRATEGIES)
