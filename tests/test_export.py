@@ -235,6 +235,26 @@ def test_evaluate_checkpoint(checkpoint_and_data, tmp_path, capsys):
         assert default[iou_type] == pytest.approx(metrics[iou_type], abs=1e-3)
 
 
+def test_evaluate_an_exported_model(checkpoint_and_data, tmp_path):
+    from overlap_sampler.engine.evaluate import evaluate_checkpoint
+
+    checkpoint, image_dir, annotations = checkpoint_and_data
+    exported = export_checkpoint(checkpoint, str(tmp_path / "model.pt"), example_image_size=64)
+    results = []
+    for model in (checkpoint, exported):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results.append(evaluate_checkpoint(model, dataset=None, val_images=image_dir, val_annotations=annotations,
+                                               output_dir=str(tmp_path), device="cpu", progress=False))
+        assert not [w for w in caught if "RCNN always returns" in str(w.message)]
+    assert results[1].keys() == results[0].keys() == {"bbox", "segm"}
+    for kind in results[0]:
+        assert results[1][kind] == pytest.approx(results[0][kind], abs=1e-3)
+    assert (tmp_path / "eval_model.json").is_file()
+    with pytest.raises(ValueError, match="exported TorchScript model: it holds no run, so no validation set"):
+        evaluate_checkpoint(exported, progress=False)
+
+
 def test_evaluate_checkpoint_reads_the_synthetic_data_where_the_run_did(tmp_path, monkeypatch):
     import overlap_sampler.data as data
     from overlap_sampler.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint

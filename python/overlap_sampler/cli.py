@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Evaluate a checkpoint; prints the AP table and writes "
                                          "eval_<checkpoint name>.json beside the checkpoint.")
     ev.add_argument("--checkpoint", required=True, help="a checkpoint written by `train` (e.g. "
-                                                        "output/train/last_checkpoint.pth)")
+                                                        "output/train/last_checkpoint.pth), or a TorchScript "
+                                                        "file written by `export` (give the data then)")
     ev.add_argument("--dataset", choices=("synthetic",), default=None,
                     help="evaluate on the built-in synthetic validation split [without this and the "
                          "--val-* flags: the validation set the checkpoint was trained with]")

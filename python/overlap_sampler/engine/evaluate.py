@@ -203,7 +203,10 @@ def evaluate(model: torch.nn.Module, dataset, *, device: str | torch.device = "c
             for batch in same_size_batches(dataset, batch_size):
                 samples = [dataset[i] for i in batch]
                 images = [image.to(device) for image, _ in samples]
-                outputs = detections_of(model(images))
+                with warnings.catch_warnings():
+                    # A scripted detector says at every call that it returns (losses, detections).
+                    warnings.filterwarnings("ignore", "RCNN always returns", UserWarning)
+                    outputs = detections_of(model(images))
                 if len(outputs) != len(samples):
                     raise RuntimeError(f"the model returned {len(outputs)} detection dicts for "
                                        f"{len(samples)} images")
@@ -267,7 +270,9 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint
     """Evaluate a training checkpoint on a COCO dataset; write ``eval_<checkpoint name>.json``, print the table.
 
     Args:
-        checkpoint: a checkpoint written by ``overlap_sampler.engine.checkpoint.save_checkpoint``.
+        checkpoint: a checkpoint written by ``overlap_sampler.engine.checkpoint.save_checkpoint``, or
+            a TorchScript file written by ``export`` (which holds no run: give ``dataset="synthetic"``
+            or the ``val_*`` files).
         dataset: ``"checkpoint"`` for the validation set the checkpoint's run was configured with
             (its COCO files, or the built-in synthetic split), ``"synthetic"`` for the built-in
             synthetic validation split, or None to use ``val_images`` + ``val_annotations`` (a COCO
@@ -283,7 +288,12 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint
         the metrics dict of :func:`evaluate`.
     """
     from overlap_sampler.data import CocoDetection, synthetic_dataset
-    from overlap_sampler.engine.checkpoint import load_checkpoint, model_from_checkpoint_state
+    from overlap_sampler.engine.checkpoint import (
+        is_torchscript_archive,
+        load_checkpoint,
+        load_detector,
+        model_from_checkpoint_state,
+    )
 
     if dataset not in ("checkpoint", "synthetic", None):
         raise ValueError(f"dataset must be 'checkpoint', 'synthetic' or None, got {dataset!r}")
@@ -296,8 +306,16 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     target = resolve_device(device)  # before the slow part: a bad device fails at once
-    state = load_checkpoint(checkpoint, map_location="cpu")
-    model, config = model_from_checkpoint_state(state, checkpoint)
+    if is_torchscript_archive(checkpoint):
+        if dataset == "checkpoint":
+            raise ValueError(f"{checkpoint} is an exported TorchScript model: it holds no run, so no validation "
+                             "set; give val_images and val_annotations (or dataset='synthetic')")
+        model, categories = load_detector(checkpoint, target)
+        config, trained_categories = None, [c["category_id"] for c in categories]
+    else:
+        state = load_checkpoint(checkpoint, map_location="cpu")
+        model, config = model_from_checkpoint_state(state, checkpoint)
+        trained_categories = state["category_ids"]
     if dataset == "checkpoint" and config.dataset == "coco":
         if config.val_images is None or config.val_annotations is None:
             raise ValueError(f"the run of checkpoint {checkpoint} had no validation set: give val_images and "
@@ -305,11 +323,10 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint
         image_dir, annotation_file = config.val_images, config.val_annotations
     elif dataset is not None:
         # The cache the checkpoint was trained from (train's --data-root).
-        image_dir, annotation_file = synthetic_dataset("val", root=config.data_root)
+        image_dir, annotation_file = synthetic_dataset("val", root=config.data_root if config else None)
     else:
         image_dir, annotation_file = val_images, val_annotations
 
-    trained_categories = state["category_ids"]
     with_masks = getattr(config, "arch", None) == "maskrcnn" or _has_mask_head(model)
     data = CocoDetection(image_dir, annotation_file, masks=with_masks)
     # The model's label l means trained_categories[l - 1]; evaluate() maps labels with the
