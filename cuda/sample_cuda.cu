@@ -363,8 +363,10 @@ __global__ void __launch_bounds__(kThreads, kSelectMinBlocks) select_kernel(
     // The image's label, key slot and segment of local example e: in shared
     // memory when the image fits (block-uniform), else in global memory (the
     // workspaces' range of the image). Every pass below maps e to thread
-    // e % kThreads, so a thread reads back only what it wrote; generic
-    // pointers, so one code path serves both.
+    // e % kThreads, so a thread reads back only what it wrote: no barrier
+    // guards these arrays, and a pass that reads another thread's entries
+    // needs a __syncthreads() first. Generic pointers, so one code path
+    // serves both.
     const bool cached = n <= p.cache_capacity;
     const int64_t capacity = p.cache_capacity;
     unsigned long long* const keys =
@@ -693,17 +695,22 @@ int64_t select_dynamic_shared_bytes() {
 // Examples staged per image by select_kernel (p.cache_capacity): what fits in
 // `dynamic_bytes`, but no more than twice the average image (at least 1024),
 // rounded up to 256, so that batches of many small images keep several blocks
-// per multiprocessor. Only shapes are read (no sync); a larger image is served
-// from global memory, never wrong. OVERLAP_SAMPLER_SELECT_STAGING=0 stages
-// nothing (every image from global memory), so that tests and debugging can
-// run the two paths on the same input; read per call.
+// per multiprocessor. Nothing when the average image does not fit: most images
+// would then run from global memory anyway, and the reserved shared memory
+// would only cut the blocks per multiprocessor. Only shapes are read (no
+// sync); a larger image is served from global memory, never wrong.
+// OVERLAP_SAMPLER_SELECT_STAGING=0 stages nothing (every image from global
+// memory), so that tests and debugging can run the two paths on the same
+// input; read per call.
 int64_t select_cache_capacity(int64_t num_examples, int64_t num_images, int64_t dynamic_bytes) {
   const char* staging = std::getenv("OVERLAP_SAMPLER_SELECT_STAGING");
   if (staging != nullptr && std::string_view(staging) == "0") return 0;
   const int64_t images = std::max<int64_t>(num_images, 1);
   const int64_t average = (num_examples + images - 1) / images;
+  const int64_t fits = dynamic_bytes / kStagedBytes;
+  if (average > fits) return 0;
   const int64_t wanted = (std::max<int64_t>(2 * average, 1024) + 255) / 256 * 256;
-  return std::min<int64_t>({dynamic_bytes / kStagedBytes, num_examples, wanted});
+  return std::min<int64_t>({fits, num_examples, wanted});
 }
 
 }  // namespace
