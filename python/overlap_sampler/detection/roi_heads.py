@@ -23,7 +23,7 @@ from torchvision.models.detection.roi_heads import (
     maskrcnn_loss,
 )
 
-from ..sampling.config import SamplerConfig
+from ..sampling.config import BUDGET_FIELDS, METHOD_FIELDS, SamplerConfig
 from .losses import weighted_fastrcnn_loss
 
 
@@ -151,8 +151,7 @@ class OverlapRoIHeads(RoIHeads):
         config.validate()
         if config.sampler == "random":
             preset = SamplerConfig.preset("random")
-            config = dataclasses.replace(preset, **{name: getattr(config, name) for name in (
-                "batch_size_per_image", "positive_fraction", "fg_iou_thresh", "bg_iou_thresh")})
+            config = dataclasses.replace(preset, **{name: getattr(config, name) for name in BUDGET_FIELDS})
         self.sampler = config.sampler
         self.neg_strategy = config.neg_strategy
         self.pos_strategy = config.pos_strategy
@@ -612,8 +611,7 @@ def _ignored_by_random(config: SamplerConfig) -> list[str]:
     if config.sampler != "random":
         return []
     default, preset = SamplerConfig(), SamplerConfig.preset("random")
-    method = ("neg_strategy", "pos_strategy", "num_bins", "hard_thresh", "bin_upper", "pos_weight", "pos_key")
-    ignored = [f"{name}={getattr(config, name)!r}" for name in method
+    ignored = [f"{name}={getattr(config, name)!r}" for name in METHOD_FIELDS
                if getattr(config, name) not in (getattr(default, name), getattr(preset, name))]
     if not ignored:
         return []
@@ -647,8 +645,7 @@ def training_sample_settings(roi_heads: RoIHeads) -> dict[str, Any]:
     hold, leaving out what a custom replacement of either does not have."""
     if isinstance(roi_heads, OverlapRoIHeads):
         config = roi_heads.sampler_config()
-        return {name: getattr(config, name) for name in
-                ("batch_size_per_image", "positive_fraction", "fg_iou_thresh", "bg_iou_thresh")}
+        return {name: getattr(config, name) for name in BUDGET_FIELDS}
     sources = {
         "batch_size_per_image": (roi_heads.fg_bg_sampler, "batch_size_per_image", int),
         "positive_fraction": (roi_heads.fg_bg_sampler, "positive_fraction", float),

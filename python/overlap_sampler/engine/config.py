@@ -14,15 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..sampling import SamplerConfig
+from ..sampling.config import METHOD_FIELDS
 
 ARCHS = ("fasterrcnn", "maskrcnn")
 DATASETS = ("synthetic", "coco")
-
-# A sampler preset names a sampling *method*: it sets these fields and leaves the RoI budget and IoU
-# thresholds (batch_size_per_image, positive_fraction, fg/bg_iou_thresh) alone, so that switching
-# `--sampler random` compares methods at equal budgets.
-SAMPLER_METHOD_FIELDS = ("sampler", "neg_strategy", "pos_strategy", "num_bins", "hard_thresh", "bin_upper",
-                         "pos_weight", "pos_key")
 
 # The small CPU default samples 128 RoIs per image instead of the paper's 512: on 128 px images with ~20
 # objects it learns faster per iteration (a quarter of the RoIs are positives instead of ~4 %) and a step
@@ -43,7 +38,7 @@ def default_sampler() -> SamplerConfig:
 def apply_preset(base: dict[str, Any], name: str) -> dict[str, Any]:
     """``base`` (SamplerConfig fields) with the method fields of preset ``name``."""
     preset = SamplerConfig.preset(name).to_dict()
-    return {**base, **{k: preset[k] for k in SAMPLER_METHOD_FIELDS}}
+    return {**base, **{k: preset[k] for k in METHOD_FIELDS}}
 
 
 def _f(default, help: str, **kwargs):
@@ -156,7 +151,7 @@ class TrainConfig:
 
         ``overrides`` uses the same keys as the file; ``overrides["sampler"]`` is merged into the file's
         sampler table key by key (a ``preset`` key in the overrides replaces the file's method fields, see
-        ``SAMPLER_METHOD_FIELDS``, and keeps its RoI budget and IoU thresholds).
+        ``METHOD_FIELDS``, and keeps its RoI budget and IoU thresholds).
         """
         data = read_config_file(path)
         return cls.from_dict(merge(data, overrides or {}))
@@ -229,7 +224,7 @@ class TrainConfig:
             # torchvision's own sampling runs then: every method setting would be silently ignored, so
             # each must keep the "random" preset's value.
             preset = SamplerConfig.preset("random")
-            ignored = [f"{name}={getattr(self.sampler, name)!r}" for name in SAMPLER_METHOD_FIELDS
+            ignored = [f"{name}={getattr(self.sampler, name)!r}" for name in METHOD_FIELDS
                        if getattr(self.sampler, name) != getattr(preset, name)]
             if ignored:
                 raise ValueError(f"TrainConfig.sampler: sampler='random' runs torchvision's sampler, which has "
@@ -303,7 +298,7 @@ def sampler_from_value(value: Any) -> SamplerConfig:
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``overrides`` on top; the ``sampler`` sub-dict is merged key by key, except that a
-    ``preset`` in the overrides discards the base's method fields (``SAMPLER_METHOD_FIELDS``) and preset."""
+    ``preset`` in the overrides discards the base's method fields (``METHOD_FIELDS``) and preset."""
     out = dict(base)
     for key, value in overrides.items():
         if key == "sampler" and isinstance(value, dict) and out.get("sampler") is not None:
@@ -313,7 +308,7 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
             elif isinstance(old, SamplerConfig):
                 old = old.to_dict()
             if "preset" in value:
-                old = {k: v for k, v in old.items() if k not in SAMPLER_METHOD_FIELDS and k != "preset"}
+                old = {k: v for k, v in old.items() if k not in METHOD_FIELDS and k != "preset"}
             out["sampler"] = {**old, **value}
         else:
             out[key] = value

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import warnings
-from typing import Iterable, Optional
+from typing import Hashable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from .distributed import resolve_device
-from .export import detections_of
+from .export import detect
 
 #: The six COCO summary numbers we report, in the order of ``COCOeval.stats[0:6]``.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -147,12 +147,22 @@ def same_size_batches(dataset, batch_size: int) -> list[list[int]]:
     image_ids = getattr(dataset, "image_ids", None)
     if image_ids is None or len(image_ids) != len(dataset):
         return one_at_a_time
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, image_id in enumerate(image_ids):
+    sizes = []
+    for image_id in image_ids:
         info = dataset.coco.imgs.get(image_id) if isinstance(image_id, int) else None
         if info is None or "height" not in info or "width" not in info:
             return one_at_a_time  # ids that are not the json's: sizes unknown
-        groups.setdefault((info["height"], info["width"]), []).append(index)
+        sizes.append((info["height"], info["width"]))
+    return batches_by_key(sizes, batch_size)
+
+
+def batches_by_key(keys: Iterable[Hashable], batch_size: int) -> list[list[int]]:
+    """Indices of ``keys`` in batches of at most ``batch_size`` with equal keys (such as image sizes,
+    see :func:`same_size_batches`); the order of the indices is kept within a key, keys come in the
+    order they first appear."""
+    groups: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
     return [group[k:k + batch_size] for group in groups.values() for k in range(0, len(group), batch_size)]
 
 
@@ -203,10 +213,7 @@ def evaluate(model: torch.nn.Module, dataset, *, device: str | torch.device = "c
             for batch in same_size_batches(dataset, batch_size):
                 samples = [dataset[i] for i in batch]
                 images = [image.to(device) for image, _ in samples]
-                with warnings.catch_warnings():
-                    # A scripted detector says at every call that it returns (losses, detections).
-                    warnings.filterwarnings("ignore", "RCNN always returns", UserWarning)
-                    outputs = detections_of(model(images))
+                outputs = detect(model, images)
                 if len(outputs) != len(samples):
                     raise RuntimeError(f"the model returned {len(outputs)} detection dicts for "
                                        f"{len(samples)} images")

@@ -35,6 +35,14 @@ def detections_of(output: Any) -> list:
     return output
 
 
+def detect(model: torch.nn.Module, images: Sequence[torch.Tensor]) -> list:
+    """``model(images)``'s per-image detection dicts, eager or scripted, without the warning a
+    scripted detector gives at every call (that it returns ``(losses, detections)``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="RCNN always returns a")
+        return detections_of(model(images))
+
+
 @contextlib.contextmanager
 def no_jit_fusion() -> Iterator[None]:
     """TorchScript with its fusers (NNC on CPU/GPU, oneDNN Graph) off, restored on exit.
@@ -145,13 +153,11 @@ def export_torchscript(model: torch.nn.Module, path: str,
     device = next(iter(model.parameters()), torch.empty(0)).device
     loaded = torch.jit.load(path, map_location=device)
     loaded.eval()
-    with torch.no_grad(), no_jit_fusion(), warnings.catch_warnings():
-        # Said once in the docstring rather than on every call.
-        warnings.filterwarnings("ignore", message="RCNN always returns a")
-        expected = detections_of(model(images))
+    with torch.no_grad(), no_jit_fusion():
+        expected = detect(model, images)
         # Two runs: the profiling executor optimises the graph after the first.
         for run in range(2):
-            problems = compare_detections(expected, detections_of(loaded(images)),
+            problems = compare_detections(expected, detect(loaded, images),
                                           what=f"reloaded TorchScript (run {run + 1})")
             if problems:
                 raise RuntimeError(f"export_torchscript: {path} does not reproduce the eager "

@@ -30,8 +30,8 @@ from tqdm import tqdm
 from ..data.images import image_size, read_image
 from .checkpoint import load_detector
 from .distributed import resolve_device
-from .evaluate import MASK_THRESHOLD, detections_to_coco
-from .export import detections_of
+from .evaluate import MASK_THRESHOLD, batches_by_key, detections_to_coco
+from .export import detect
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 PREDICTIONS_FILE = "predictions.json"
@@ -78,14 +78,14 @@ def _batches(paths: Sequence[str], batch_size: int) -> list[list[int]]:
     so a mixed batch would change an image's detections). An unreadable file is a batch of its own."""
     if batch_size == 1:
         return [[k] for k in range(len(paths))]
-    groups: dict[Any, list[int]] = {}
-    for k, path in enumerate(paths):
+
+    def size(k: int) -> Any:
         try:
-            size: Any = image_size(path)
+            return image_size(paths[k])
         except ValueError:
-            size = ("unreadable", k)
-        groups.setdefault(size, []).append(k)
-    return [group[k:k + batch_size] for group in groups.values() for k in range(0, len(group), batch_size)]
+            return ("unreadable", k)
+
+    return batches_by_key((size(k) for k in range(len(paths))), batch_size)
 
 
 def _check_settings(score_thresh: float, batch_size: int) -> None:
@@ -130,10 +130,8 @@ def predict(model: torch.nn.Module, paths: Sequence[str], *, device: str | torch
                         yield ImagePrediction(k, error=str(e))
                 if readable:
                     # Only around the call: a generator's caller runs between the yields.
-                    with torch.inference_mode(), warnings.catch_warnings():
-                        # A scripted detector says at every call that it returns (losses, detections).
-                        warnings.filterwarnings("ignore", "RCNN always returns", UserWarning)
-                        outputs = detections_of(model([image.to(device) for image in images]))
+                    with torch.inference_mode():
+                        outputs = detect(model, [image.to(device) for image in images])
                         kept = [{key: value[d["scores"] >= score_thresh].cpu() for key, value in d.items()}
                                 for d in outputs]
                     for k, image, detections in zip(readable, images, kept):

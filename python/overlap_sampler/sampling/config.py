@@ -19,6 +19,12 @@ from ..ops import NEGATIVE_STRATEGIES, POSITIVE_STRATEGIES
 SAMPLERS = ("overlap", "random")
 POSITIVE_KEYS = ("negatives", "all")
 
+# A sampler preset names a sampling *method*: it sets these fields and leaves the RoI budget and IoU
+# thresholds (BUDGET_FIELDS) alone, so that switching to "random" compares methods at equal budgets.
+METHOD_FIELDS = ("sampler", "neg_strategy", "pos_strategy", "num_bins", "hard_thresh", "bin_upper", "pos_weight",
+                 "pos_key")
+BUDGET_FIELDS = ("batch_size_per_image", "positive_fraction", "fg_iou_thresh", "bg_iou_thresh")
+
 
 @dataclass
 class SamplerConfig:
