@@ -2,7 +2,7 @@
 # The GPU checks in one go, for a lent GPU machine whose python3 already has torch,
 # torchvision, pybind11, cmake and pytest: build against that torch (sm_90 only),
 # benchmark (the ops, then a training step), then the CUDA tests and compute-sanitizer
-# (memcheck, racecheck) side by side, then a kernel profile with Nsight Compute where
+# (memcheck, racecheck, synccheck) side by side, then a kernel profile with Nsight Compute where
 # it is installed, all within GPU_CHECK_SECONDS (default 570). Logs and benchmark
 # results go to $OUT (default /tmp/gpu_check): 8 files at most, the device tool's
 # limit on what comes back.
@@ -25,8 +25,10 @@ VARIANT_FLAGS=""
 VARIANT_NAME=${VARIANT_SRC:+$(basename "$VARIANT_SRC")}${VARIANT_THREADS:+-threads$VARIANT_THREADS}
 VARIANT_NAME=${VARIANT_NAME#-}
 # Steps share one deadline (the device tool ends a call at 600 s): each gets
-# at most its own cap and what is left, correctness before the profile.
+# at most its own cap (overridable, for a shorter call) and what is left,
+# correctness before the profile.
 DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-570}))
+BENCH_CAP=${BENCH_CAP:-200} TRAIN_CAP=${TRAIN_CAP:-150} CHECK_CAP=${CHECK_CAP:-300} NCU_CAP=${NCU_CAP:-180}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stamp() { echo "== $* ($(date +%T), $((DEADLINE - SECONDS)) s left)"; }
@@ -75,7 +77,7 @@ if [ $build_rc -ne 0 ]; then tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exi
 stamp built
 
 # Alone on the GPU, so nothing else disturbs the timings.
-PYTHONPATH=$PWD/python timeout "$(budget 200)" "$PY" benchmarks/bench_ops.py --device cuda --repeats 20 \
+PYTHONPATH=$PWD/python timeout "$(budget "$BENCH_CAP")" "$PY" benchmarks/bench_ops.py --device cuda --repeats 20 \
   --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "benchmark rc=$?"
 if [ -n "$VARIANT_NAME" ]; then
@@ -88,7 +90,7 @@ fi
 # A training step of the paper's detector (ResNet-50-FPN, 2 images of 800x1333, AMP), Overlap Sampler
 # against torchvision's random sampler: the sampling share of the step (goal: at most 1 %). Its table
 # goes into bench.log (the files that come back are few).
-PYTHONPATH=$PWD/python timeout "$(budget 150)" "$PY" benchmarks/bench_train_step.py --device cuda --amp \
+PYTHONPATH=$PWD/python timeout "$(budget "$TRAIN_CAP")" "$PY" benchmarks/bench_train_step.py --device cuda --amp \
   --backbone resnet50_fpn --size 800 1333 --batch 2 --rois 512 --classes 81 --steps 10 \
   --no-progress --out build/train-step >> "$OUT/bench.log" 2>&1
 echo "training step benchmark rc=$?"
@@ -96,17 +98,18 @@ stamp benchmarked
 
 # The rest in parallel: correctness does not care about sharing the GPU.
 export PYTHONPATH=$PWD/python
-timeout "$(budget 300)" "$PY" -m pytest tests -k "cuda or build_info" -q -p no:cacheprovider -rfEs --continue-on-collection-errors \
+timeout "$(budget "$CHECK_CAP")" "$PY" -m pytest tests -k "cuda or build_info" -q -p no:cacheprovider -rfEs --continue-on-collection-errors \
   --ignore tests/test_data.py --ignore tests/test_evaluate.py --ignore tests/test_train.py \
   --ignore tests/test_cli.py > "$OUT/pytest.log" 2>&1 &
 pytest_pid=$!
 sanitize() {
-  timeout "$(budget 280)" compute-sanitizer --tool "$1" --error-exitcode 1 --print-limit 20 \
+  timeout "$(budget $((CHECK_CAP - 20)))" compute-sanitizer --tool "$1" --error-exitcode 1 --print-limit 20 \
     "$PY" scripts/cuda_sanitizer_driver.py > "build/$1.log" 2>&1
   echo "compute-sanitizer $1 rc=$?" >> "build/$1.log"
 }
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize memcheck &
 sanitize racecheck &
+sanitize synccheck &
 if [ -n "$VARIANT_NAME" ]; then
   PYTHONPATH=$PWD/build/variant-python timeout "$(budget 200)" "$PY" scripts/cuda_sanitizer_driver.py \
     > build/variant-check.log 2>&1
@@ -114,14 +117,14 @@ if [ -n "$VARIANT_NAME" ]; then
 fi
 wait $pytest_pid; echo "pytest rc=$?"
 wait
-cat build/memcheck.log build/racecheck.log build/variant-check.log > "$OUT/sanitizer.log" 2>/dev/null
+cat build/memcheck.log build/racecheck.log build/synccheck.log build/variant-check.log > "$OUT/sanitizer.log" 2>/dev/null
 stamp checked
 
 # Why the kernels take what they take (stall reasons, occupancy), when Nsight
 # Compute is there: one sample call of the main case.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
-  PYTHONPATH=$PWD/python timeout "$(budget 180)" "$NCU" -k regex:'(match|overlap_key|select)_kernel' \
+  PYTHONPATH=$PWD/python timeout "$(budget "$NCU_CAP")" "$NCU" -k regex:'(match|overlap_key|select)_kernel' \
     --launch-skip 9 --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats "$PY" scripts/profile_sample.py > "$OUT/ncu.txt" 2>&1
   echo "ncu rc=$?"
