@@ -12,7 +12,21 @@ std::string dtype_of(const at::Tensor& t) {
   return t.defined() ? std::string(c10::toString(t.scalar_type())) : std::string("None");
 }
 
+void check_dense(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(!t.defined() || t.layout() == at::kStrided, name,
+                   " must be a dense (strided) tensor, got layout ", t.layout());
+}
+
+void check_output_size(int64_t rows, int64_t width, const char* name) {
+  TORCH_CHECK_VALUE(width <= kMaxOutputWidth, name, " must be at most ", kMaxOutputWidth,
+                    " (the width of the padded output), got ", width);
+  TORCH_CHECK_VALUE(rows == 0 || width <= kMaxOutputEntries / rows, name, " = ", width, " for ",
+                    rows, " rows would make an output of more than ", kMaxOutputEntries,
+                    " entries");
+}
+
 void check_boxes(const at::Tensor& boxes, const char* name) {
+  check_dense(boxes, name);
   TORCH_CHECK_TYPE(at::isFloatingType(boxes.scalar_type()) &&
                        boxes.scalar_type() != at::kBFloat16,
                    name, " must be float16, float32 or float64, got ", dtype_of(boxes));
@@ -21,6 +35,7 @@ void check_boxes(const at::Tensor& boxes, const char* name) {
 }
 
 void check_splits(const at::Tensor& splits, const at::Tensor& like, const char* name) {
+  check_dense(splits, name);
   TORCH_CHECK_TYPE(splits.scalar_type() == at::kLong, name, " must be int64, got ",
                    dtype_of(splits));
   TORCH_CHECK_VALUE(splits.dim() == 1 && splits.size(0) >= 1, name,
@@ -37,6 +52,7 @@ void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor
 void check_mask(const std::optional<at::Tensor>& mask, int64_t rows, const at::Tensor& like,
                 const char* name) {
   if (!mask.has_value()) return;
+  check_dense(*mask, name);
   TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, name, " must be bool, got ",
                    mask->scalar_type());
   TORCH_CHECK_VALUE(mask->dim() == 1 && mask->size(0) == rows, name, " must have shape [",
@@ -60,7 +76,9 @@ void validate_box_order(const at::Tensor& boxes, const char* name) {
 }
 
 void validate_splits(const at::Tensor& splits, int64_t rows, const char* name) {
-  const at::Tensor host = splits.cpu();
+  // Contiguous: the raw reads below must see the values the kernels see (each
+  // kernel reads splits.contiguous()), not the storage of a strided view.
+  const at::Tensor host = splits.cpu().contiguous();
   const int64_t* s = host.const_data_ptr<int64_t>();
   const int64_t n = host.numel();
   TORCH_CHECK_VALUE(s[0] == 0, name, " must start at 0, got ", s[0]);
@@ -70,6 +88,12 @@ void validate_splits(const at::Tensor& splits, int64_t rows, const char* name) {
     TORCH_CHECK_VALUE(s[i] >= s[i - 1], name, " must be non-decreasing, got ", s[i - 1],
                       " then ", s[i], " at position ", i);
   }
+}
+
+void validate_uniforms(const at::Tensor& uniforms, const char* name) {
+  if (uniforms.numel() == 0) return;
+  TORCH_CHECK_VALUE(uniforms.ge(0).logical_and(uniforms.lt(1)).all().item<bool>(), name,
+                    " must lie in [0, 1) (no NaN or infinity)");
 }
 
 }  // namespace overlap_sampler
@@ -120,6 +144,7 @@ void check_assign_bins_args(const at::Tensor& values, const at::Tensor& splits,
                             std::optional<double> upper) {
   TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
                    "values must be float32 or float64, got ", dtype_of(values));
+  check_dense(values, "values");
   TORCH_CHECK_VALUE(values.dim() == 1, "values must be 1-D, got shape ", values.sizes());
   check_splits(splits, values, "splits");
   check_mask(mask, values.size(0), values, "mask");
@@ -138,6 +163,9 @@ void check_weighted_sample_args(const at::Tensor& weights, const at::Tensor& uni
                    "weights must be float32 or float64, got ", dtype_of(weights));
   TORCH_CHECK_TYPE(uniforms.scalar_type() == at::kFloat || uniforms.scalar_type() == at::kDouble,
                    "uniforms must be float32 or float64, got ", dtype_of(uniforms));
+  check_dense(weights, "weights");
+  check_dense(uniforms, "uniforms");
+  check_dense(counts, "counts");
   TORCH_CHECK_VALUE(weights.dim() == 1, "weights must be 1-D, got shape ", weights.sizes());
   TORCH_CHECK_VALUE(uniforms.dim() == 1 && uniforms.size(0) == weights.size(0),
                     "uniforms must have shape [", weights.size(0), "] like weights, got ",
@@ -151,12 +179,12 @@ void check_weighted_sample_args(const at::Tensor& weights, const at::Tensor& uni
                     "] (one per segment), got ", counts.sizes());
   check_same_device(counts, "counts", weights, "weights");
   TORCH_CHECK_VALUE(max_count >= 0, "max_count must be >= 0, got ", max_count);
+  check_output_size(splits.size(0) - 1, max_count, "max_count");
   validate_splits(splits, weights.size(0), "splits");
   if (weights.numel() > 0) {
     TORCH_CHECK_VALUE(weights.ge(0).all().item<bool>(),
                       "weights must be >= 0 (+inf allowed) and not NaN");
-    TORCH_CHECK_VALUE(uniforms.ge(0).logical_and(uniforms.lt(1)).all().item<bool>(),
-                      "uniforms must lie in [0, 1)");
+    validate_uniforms(uniforms, "uniforms");
   }
   if (counts.numel() > 0) {
     TORCH_CHECK_VALUE(counts.ge(0).all().item<bool>(), "counts must be >= 0");

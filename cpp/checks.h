@@ -14,6 +14,20 @@ namespace overlap_sampler {
 // Python's None becomes when passed for a Tensor argument).
 std::string dtype_of(const at::Tensor& t);
 
+// Largest row width of an op's padded output (batch_size_per_image of
+// `sample`, max_count of `weighted_sample`), and most entries of such an
+// output: limits far above any detector's (512 RoIs per image), checked before
+// anything is allocated, so a typo gives a ValueError rather than an attempt
+// to allocate terabytes or an overflowing size computation.
+constexpr int64_t kMaxOutputWidth = int64_t{1} << 24;
+constexpr int64_t kMaxOutputEntries = (int64_t{1} << 31) - 1;
+
+// A strided (dense) tensor: sparse and other layouts are refused by name.
+void check_dense(const at::Tensor& t, const char* name);
+
+// width <= kMaxOutputWidth and rows * width <= kMaxOutputEntries.
+void check_output_size(int64_t rows, int64_t width, const char* name);
+
 // boxes: [R, 4] float16/32/64. Raises TypeError/ValueError naming `name`.
 void check_boxes(const at::Tensor& boxes, const char* name);
 
@@ -32,6 +46,7 @@ void check_mask(const std::optional<at::Tensor>& mask, int64_t rows, const at::T
 void validate_finite(const at::Tensor& values, const char* name);
 void validate_box_order(const at::Tensor& boxes, const char* name);  // x2>=x1, y2>=y1
 void validate_splits(const at::Tensor& splits, int64_t rows, const char* name);
+void validate_uniforms(const at::Tensor& uniforms, const char* name);  // in [0, 1), not NaN
 
 // Every check of one op's arguments, shared by its CPU and CUDA kernels so the
 // two backends reject exactly the same inputs with the same messages.

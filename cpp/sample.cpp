@@ -20,6 +20,10 @@ SampleResult sample(const at::Tensor& proposals, const at::Tensor& proposal_spli
                     std::optional<double> bin_upper, double pos_weight,
                     std::optional<at::Generator> generator, c10::string_view pos_key,
                     bool validate) {
+  // Options and shapes first, so a bad one is reported before anything is drawn.
+  parse_sample_options(batch_size_per_image, positive_fraction, fg_iou_thresh, bg_iou_thresh,
+                       append_gt, std::string(neg_strategy), std::string(pos_strategy), num_bins,
+                       hard_thresh, bin_upper, pos_weight, std::string(pos_key));
   check_boxes(proposals, "proposals");
   check_boxes(gt_boxes, "gt_boxes");
   const int64_t examples = proposals.size(0) + (append_gt ? gt_boxes.size(0) : 0);

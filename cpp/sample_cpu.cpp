@@ -365,8 +365,8 @@ SampleResult sample_from_uniforms_cpu(
       batch_size_per_image, positive_fraction, fg_iou_thresh, bg_iou_thresh, append_gt,
       std::string(neg_strategy), std::string(pos_strategy), num_bins, hard_thresh, bin_upper,
       pos_weight, std::string(pos_key));
-  check_sample_inputs(proposals, proposal_splits, gt_boxes, gt_splits, uniforms, append_gt,
-                      validate);
+  check_sample_inputs(proposals, proposal_splits, gt_boxes, gt_splits, uniforms,
+                      batch_size_per_image, append_gt, validate);
   const int64_t images = proposal_splits.size(0) - 1;
   const auto long_options = proposals.options().dtype(at::kLong);
   at::Tensor indices = at::full({images, o.batch_size_per_image}, -1, long_options);

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 
 #include "checks.h"
 
@@ -39,6 +40,7 @@ SampleOptions parse_sample_options(int64_t batch_size_per_image, double positive
                                    double pos_weight, const std::string& pos_key) {
   TORCH_CHECK_VALUE(batch_size_per_image >= 0, "batch_size_per_image must be >= 0, got ",
                     batch_size_per_image);
+  check_output_size(0, batch_size_per_image, "batch_size_per_image");
   check_unit_interval(positive_fraction, "positive_fraction");
   check_unit_interval(fg_iou_thresh, "fg_iou_thresh");
   check_unit_interval(bg_iou_thresh, "bg_iou_thresh");
@@ -50,8 +52,11 @@ SampleOptions parse_sample_options(int64_t batch_size_per_image, double positive
   TORCH_CHECK_VALUE(!bin_upper.has_value() || (std::isfinite(*bin_upper) && *bin_upper > 0.0),
                     "bin_upper must be a positive finite number or None, got ",
                     bin_upper.value_or(0.0));
-  TORCH_CHECK_VALUE(std::isfinite(pos_weight) && pos_weight >= 0.0,
-                    "pos_weight must be a finite number >= 0, got ", pos_weight);
+  // The weights output is float32: a larger epsilon would become +inf.
+  TORCH_CHECK_VALUE(std::isfinite(pos_weight) && pos_weight >= 0.0 &&
+                        pos_weight <= static_cast<double>(std::numeric_limits<float>::max()),
+                    "pos_weight must be a finite number in [0, ", std::numeric_limits<float>::max(),
+                    "] (the float32 maximum), got ", pos_weight);
   TORCH_CHECK_VALUE(pos_key == "negatives" || pos_key == "all",
                     "pos_key must be 'negatives' or 'all', got '", pos_key, "'");
 
@@ -74,7 +79,8 @@ SampleOptions parse_sample_options(int64_t batch_size_per_image, double positive
 
 int64_t check_sample_inputs(const at::Tensor& proposals, const at::Tensor& proposal_splits,
                             const at::Tensor& gt_boxes, const at::Tensor& gt_splits,
-                            const at::Tensor& uniforms, bool append_gt, bool validate) {
+                            const at::Tensor& uniforms, int64_t batch_size_per_image,
+                            bool append_gt, bool validate) {
   check_boxes(proposals, "proposals");
   check_boxes(gt_boxes, "gt_boxes");
   TORCH_CHECK_TYPE(proposals.scalar_type() == gt_boxes.scalar_type(),
@@ -86,6 +92,8 @@ int64_t check_sample_inputs(const at::Tensor& proposals, const at::Tensor& propo
   TORCH_CHECK_VALUE(proposal_splits.size(0) == gt_splits.size(0),
                     "proposal_splits and gt_splits must describe the same number of images, got ",
                     proposal_splits.size(0) - 1, " and ", gt_splits.size(0) - 1);
+  check_output_size(proposal_splits.size(0) - 1, batch_size_per_image, "batch_size_per_image");
+  check_dense(uniforms, "uniforms");
   const int64_t examples = proposals.size(0) + (append_gt ? gt_boxes.size(0) : 0);
   TORCH_CHECK_TYPE(uniforms.scalar_type() == at::kDouble, "uniforms must be float64, got ",
                    dtype_of(uniforms));
@@ -104,6 +112,7 @@ int64_t check_sample_inputs(const at::Tensor& proposals, const at::Tensor& propo
     validate_finite(proposals, "proposals");
     validate_finite(gt_boxes, "gt_boxes");
     validate_box_order(gt_boxes, "gt_boxes");
+    validate_uniforms(uniforms, "uniforms");
   }
   return examples;
 }

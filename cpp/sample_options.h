@@ -46,10 +46,12 @@ using SampleFromUniformsFn = SampleResult(
     double hard_thresh, std::optional<double> bin_upper, double pos_weight,
     c10::string_view pos_key, bool validate);
 
-// Shape/dtype/device checks of the tensor arguments of sample_from_uniforms,
-// plus the value checks when `validate` is set. Returns the example count E.
+// Shape/dtype/device/layout checks of the tensor arguments of
+// sample_from_uniforms and the size of its outputs, plus the value checks
+// when `validate` is set. Returns the example count E.
 int64_t check_sample_inputs(const at::Tensor& proposals, const at::Tensor& proposal_splits,
                             const at::Tensor& gt_boxes, const at::Tensor& gt_splits,
-                            const at::Tensor& uniforms, bool append_gt, bool validate);
+                            const at::Tensor& uniforms, int64_t batch_size_per_image,
+                            bool append_gt, bool validate);
 
 }  // namespace overlap_sampler

@@ -726,8 +726,9 @@ SampleResult sample_from_uniforms_cuda(
       batch_size_per_image, positive_fraction, fg_iou_thresh, bg_iou_thresh, append_gt,
       std::string(neg_strategy), std::string(pos_strategy), num_bins, hard_thresh, bin_upper,
       pos_weight, std::string(pos_key));
-  const int64_t num_examples = check_sample_inputs(proposals, proposal_splits, gt_boxes,
-                                                   gt_splits, uniforms, append_gt, validate);
+  const int64_t num_examples =
+      check_sample_inputs(proposals, proposal_splits, gt_boxes, gt_splits, uniforms,
+                          batch_size_per_image, append_gt, validate);
   const c10::cuda::CUDAGuard guard(proposals.device());
   const int64_t num_images = proposal_splits.size(0) - 1;
   const int64_t width = o.batch_size_per_image;

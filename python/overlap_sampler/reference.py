@@ -37,6 +37,7 @@ __all__ = [
 
 _STRATEGIES = ("uniform", "hard", "soft", "soft_reference", "linear", "iou_balanced")
 _MAX_BINS = 64  # kMaxBins in cpp/sampling_math.h
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the weights output is float32
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,8 +178,9 @@ def _check_options(
         raise ValueError(f"hard_thresh must be finite, got {hard_thresh}")
     if bin_upper is not None and not (math.isfinite(bin_upper) and bin_upper > 0.0):
         raise ValueError(f"bin_upper must be a positive finite number or None, got {bin_upper}")
-    if not (math.isfinite(pos_weight) and pos_weight >= 0.0):
-        raise ValueError(f"pos_weight must be a finite number >= 0, got {pos_weight}")
+    if not (math.isfinite(pos_weight) and 0.0 <= pos_weight <= _FLOAT32_MAX):
+        raise ValueError(f"pos_weight must be a finite number in [0, {_FLOAT32_MAX}] (the float32 maximum), "
+                         f"got {pos_weight}")
     if pos_key not in ("negatives", "all"):
         raise ValueError(f"pos_key must be 'negatives' or 'all', got '{pos_key}'")
     if neg_strategy not in _STRATEGIES:

@@ -17,6 +17,10 @@ from ._load import load_library
 
 build_info = load_library()
 from . import _fake  # noqa: E402,F401  (fakes need the schemas loaded first)
+from ._fake import MAX_OUTPUT_ENTRIES, MAX_OUTPUT_WIDTH  # noqa: E402
+
+# The largest pos_weight: the op's weights output is float32.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 _ops = torch.ops.overlap_sampler
 
@@ -40,6 +44,14 @@ class SampleResult(NamedTuple):
     weights: torch.Tensor
     num_pos: torch.Tensor
     num_neg: torch.Tensor
+
+
+def _require_dense(**tensors) -> None:
+    """Sparse and other non-strided tensors get a TypeError naming the argument
+    (the dispatcher would raise NotImplementedError naming only the op)."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}")
 
 
 def splits_from_counts(counts: Sequence[int] | torch.Tensor, device=None) -> torch.Tensor:
@@ -75,6 +87,7 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
 
     Equal to ``torchvision.ops.box_iou`` except that a zero union gives 0, never NaN.
     """
+    _require_dense(boxes1=boxes1, boxes2=boxes2)
     return _ops.box_iou(boxes1, boxes2)
 
 
@@ -96,6 +109,8 @@ def max_iou(
     (q, q). This gives IoU_g,e (keys = GT boxes) and IoU_p,n (queries = negatives,
     keys = positives) without building the IoU matrix.
     """
+    _require_dense(queries=queries, query_splits=query_splits, keys=keys, key_splits=key_splits,
+                   query_mask=query_mask, key_mask=key_mask)
     return _ops.max_iou(queries, query_splits, keys, key_splits, query_mask=query_mask,
                         key_mask=key_mask, exclude_self=exclude_self)
 
@@ -114,6 +129,7 @@ def assign_bins(
     the max itself falls in the top bin; values beyond a fixed ``upper`` too.
     Rows with ``mask`` false get -1.
     """
+    _require_dense(values=values, splits=splits, mask=mask)
     return _ops.assign_bins(values, splits, mask=mask, num_bins=num_bins, upper=upper)
 
 
@@ -134,6 +150,7 @@ def weighted_sample(
     padding. Same distribution as ``numpy.random.Generator.choice(replace=False,
     p=w / w.sum())``.
     """
+    _require_dense(weights=weights, uniforms=uniforms, splits=splits, counts=counts)
     return _ops.weighted_sample(weights, uniforms, splits, counts, max_count)
 
 
@@ -188,6 +205,8 @@ def sample(
     Returns:
         :class:`SampleResult`.
     """
+    _require_dense(proposals=proposals, proposal_splits=proposal_splits, gt_boxes=gt_boxes,
+                   gt_splits=gt_splits)
     return SampleResult(*_ops.sample(
         proposals, proposal_splits, gt_boxes, gt_splits,
         batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction,
@@ -206,13 +225,16 @@ def sample_from_uniforms(
     **options,
 ) -> SampleResult:
     """:func:`sample` with its random draw given: ``uniforms`` float64 ``[E]``, one
-    per example (``E = N``, plus ``G`` with ``append_gt``). Deterministic."""
+    per example (``E = N``, plus ``G`` with ``append_gt``), checked to lie in [0, 1)
+    with ``validate=True``. Deterministic."""
+    _require_dense(proposals=proposals, proposal_splits=proposal_splits, gt_boxes=gt_boxes,
+                   gt_splits=gt_splits, uniforms=uniforms)
     return SampleResult(*_ops.sample_from_uniforms(
         proposals, proposal_splits, gt_boxes, gt_splits, uniforms, **options))
 
 
 __all__ = [
-    "NEGATIVE_STRATEGIES", "POSITIVE_STRATEGIES", "SampleResult", "assign_bins", "box_iou",
+    "FLOAT32_MAX", "MAX_OUTPUT_ENTRIES", "MAX_OUTPUT_WIDTH", "NEGATIVE_STRATEGIES", "POSITIVE_STRATEGIES", "SampleResult", "assign_bins", "box_iou",
     "build_info", "max_iou", "sample", "sample_from_uniforms", "splits_from_counts",
     "weighted_sample",
 ]

@@ -22,6 +22,20 @@ def _check_splits(splits: torch.Tensor, name: str) -> None:
     torch._check(splits.dim() == 1 and splits.shape[0] >= 1, lambda: f"{name} must be [B+1]")
 
 
+# As cpp/checks.h: the widest padded output row and the most output entries.
+MAX_OUTPUT_WIDTH = 1 << 24
+MAX_OUTPUT_ENTRIES = (1 << 31) - 1
+
+
+def _check_output_size(rows, width, name: str) -> None:
+    torch._check_value(width <= MAX_OUTPUT_WIDTH,
+                       lambda: f"{name} must be at most {MAX_OUTPUT_WIDTH} (the width of the padded output), "
+                               f"got {width}")
+    torch._check_value(rows * width <= MAX_OUTPUT_ENTRIES,
+                       lambda: f"{name} = {width} for {rows} rows would make an output of more than "
+                               f"{MAX_OUTPUT_ENTRIES} entries")
+
+
 def _check_one_device(**tensors) -> None:
     """As the C++ kernels: every tensor argument on the first one's device."""
     names = [n for n, t in tensors.items() if t is not None]
@@ -71,6 +85,7 @@ def _weighted_sample(weights, uniforms, splits, counts, max_count):
     _check_one_device(weights=weights, uniforms=uniforms, splits=splits, counts=counts)
     _check_splits(splits, "splits")
     torch._check(max_count >= 0, lambda: "max_count must be >= 0")
+    _check_output_size(splits.shape[0] - 1, max_count, "max_count")
     return weights.new_empty((splits.shape[0] - 1, max_count), dtype=torch.int64)
 
 
@@ -85,6 +100,7 @@ def _sample_outputs(proposals, proposal_splits, gt_boxes, gt_splits, batch_size_
                  lambda: "proposal_splits and gt_splits must describe the same number of images")
     torch._check(batch_size_per_image >= 0, lambda: "batch_size_per_image must be >= 0")
     images = proposal_splits.shape[0] - 1
+    _check_output_size(images, batch_size_per_image, "batch_size_per_image")
     shape = (images, batch_size_per_image)
     return (
         proposals.new_empty(shape, dtype=torch.int64),

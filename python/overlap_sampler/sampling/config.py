@@ -14,7 +14,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from ..ops import NEGATIVE_STRATEGIES, POSITIVE_STRATEGIES
+from ..ops import FLOAT32_MAX, MAX_OUTPUT_WIDTH, NEGATIVE_STRATEGIES, POSITIVE_STRATEGIES
 
 SAMPLERS = ("overlap", "random")
 POSITIVE_KEYS = ("negatives", "all")
@@ -91,7 +91,7 @@ class SamplerConfig:
         _one_of("pos_strategy", self.pos_strategy, POSITIVE_STRATEGIES)
         _one_of("pos_key", self.pos_key, POSITIVE_KEYS)
         _integer("num_bins", self.num_bins, 1, 64)
-        _integer("batch_size_per_image", self.batch_size_per_image, 1, None)
+        _integer("batch_size_per_image", self.batch_size_per_image, 1, MAX_OUTPUT_WIDTH)
         _number("hard_thresh", self.hard_thresh, 0.0, 1.0)
         _number("positive_fraction", self.positive_fraction, 0.0, 1.0)
         _number("fg_iou_thresh", self.fg_iou_thresh, 0.0, 1.0)
@@ -99,7 +99,7 @@ class SamplerConfig:
         if self.bg_iou_thresh > self.fg_iou_thresh:
             raise ValueError(f"bg_iou_thresh ({self.bg_iou_thresh}) must not exceed fg_iou_thresh "
                              f"({self.fg_iou_thresh})")
-        _number("pos_weight", self.pos_weight, 0.0, None)
+        _number("pos_weight", self.pos_weight, 0.0, FLOAT32_MAX)  # the op's weights are float32
         if self.bin_upper is not None:
             _number("bin_upper", self.bin_upper, 0.0, None)
             if self.bin_upper <= 0.0:
