@@ -107,10 +107,24 @@ def time_graph_replay(fn, repeats=50):
     return time_call(graph.replay, torch.device("cuda"), repeats)
 
 
-def measure(images, proposals_per_image, gt_per_image, device, repeats, with_reference=True):
+# Strategy settings of the "strategies" section: (negatives, positives, extra options).
+# soft/soft with ε = 2 is what `overlap-sampler train` and SamplerConfig() run.
+STRATEGIES = {
+    "soft / soft, ε=2 (training default)": dict(neg_strategy="soft", pos_strategy="soft", pos_weight=2.0),
+    "soft / uniform": dict(neg_strategy="soft", pos_strategy="uniform"),
+    "uniform / uniform": dict(neg_strategy="uniform", pos_strategy="uniform"),
+    "hard / uniform": dict(neg_strategy="hard", pos_strategy="uniform"),
+    "linear / uniform": dict(neg_strategy="linear", pos_strategy="uniform"),
+}
+
+
+def measure(images, proposals_per_image, gt_per_image, device, repeats, with_reference=True,
+            strategies=None):
     batch = make_batch([proposals_per_image] * images, [gt_per_image] * images, seed=0,
                        device=device, crowded_fraction=1 / 3, canvas=1000.0)
     options = dict(batch_size_per_image=512, positive_fraction=0.25, neg_strategy="soft", num_bins=2)
+    if strategies is not None:
+        options.update(STRATEGIES[strategies])
     generator = torch.Generator(device).manual_seed(0)
     matcher = det_utils.Matcher(0.5, 0.5, allow_low_quality_matches=False)
     sampler = det_utils.BalancedPositiveNegativeSampler(512, 0.25)
@@ -123,6 +137,8 @@ def measure(images, proposals_per_image, gt_per_image, device, repeats, with_ref
         calls["per-image PyTorch (reference)"] = lambda: reference.sample(*batch, generator=generator,
                                                                            **options)
     row = {"B": images, "N": proposals_per_image, "G": gt_per_image}
+    if strategies is not None:
+        row["strategies"] = strategies
     for name, fn in calls.items():
         row[name] = time_call(fn, device, repeats)
     if device.type == "cuda":
@@ -164,13 +180,15 @@ def to_markdown(title, rows):
     ours = "overlap_sampler.sample"
     gpu = "launches" in rows[0]
     gpu_header = " launches | kernel time (µs) | graph replay (µs) |" if gpu else ""
+    named = "strategies" in rows[0]
     lines = [f"### {title}", "",
+             ("| negatives / positives " if named else "") +
              "| B | N | G | sample (ms) | torchvision random (ms) | per-image PyTorch (ms) | "
              "vs per-image | vs torchvision |" + gpu_header,
-             "|---|---|---|---|---|---|---|---|" + "---|" * gpu_header.count("|")]
+             ("|---" if named else "") + "|---|---|---|---|---|---|---|---|" + "---|" * gpu_header.count("|")]
     for r in rows:
         ref = r.get("per-image PyTorch (reference)")
-        cells = [r["B"], r["N"], r["G"], format_ms(r[ours]), format_ms(r["torchvision random path"]),
+        cells = ([r["strategies"]] if named else []) + [r["B"], r["N"], r["G"], format_ms(r[ours]), format_ms(r["torchvision random path"]),
                  format_ms(ref) if ref else "—", f"{ref / r[ours]:.1f}x" if ref else "—",
                  f"{r['torchvision random path'] / r[ours]:.2f}x"]
         if gpu:
@@ -191,6 +209,7 @@ def main():
     repeats = 3 if args.quick else args.repeats
 
     sections = {"main": [(16, 2000, 20)],
+                "strategies (B=16, N=2000, G=20)": [(16, 2000, 20, name) for name in STRATEGIES],
                 "scaling in N (B=4, G=20)": [(4, n, 20) for n in (500, 2000, 10000, 30000, 100000)],
                 "scaling in B (N=2000, G=20)": [(b, 2000, 20) for b in (1, 4, 16, 64)],
                 # 32000 examples of 11 staged bytes each exceed any GPU's shared memory per block.
@@ -202,10 +221,11 @@ def main():
     results = {"device": device_name(device), "torch": torch.__version__,
                "build": overlap_sampler.build_info, "threads": torch.get_num_threads(), "sections": {}}
     jobs = [(title, size) for title, sizes in sections.items() for size in sizes]
-    for title, (b, n, g) in tqdm(jobs, desc="benchmark", unit="size"):
+    for title, (b, n, g, *strategies) in tqdm(jobs, desc="benchmark", unit="size"):
         # The per-image reference builds P x N IoU matrices: skip it where that is minutes.
         with_reference = n * b <= 200_000
-        row = measure(b, n, g, device, repeats if n <= 10000 else 3, with_reference)
+        row = measure(b, n, g, device, repeats if n <= 10000 else 3, with_reference,
+                      strategies[0] if strategies else None)
         results["sections"].setdefault(title, []).append(row)
 
     report = [f"# overlap_sampler benchmark on {results['device']}", "",

@@ -1,16 +1,16 @@
-// sample_from_uniforms on CUDA: the whole batch in three launches (two when
-// neither strategy reads an overlap key; one more, clamp_splits_kernel, with
-// validate=false) and no host synchronisation, so with validate=false it can be
+// sample_from_uniforms on CUDA: the whole batch in three launches and a memset
+// (two launches when neither strategy reads an overlap key; one more,
+// clamp_splits_kernel, with validate=false) and no host synchronisation, so with validate=false it can be
 // captured in a CUDA graph.
 //
 //   1. match_kernel, one thread per example: IoU_g,e, matched GT and label;
-//      also widens the boxes to acc_t in "image-major" order (below), and
-//      zeroes the overlap keys.
-//   2. overlap_key_kernel, kThreads examples per block: IoU_p,n of negatives
-//      and the key of positives, streaming the image's examples through shared
-//      memory in tiles (only the class each thread reduces over is visited).
-//      The tiles of an image are split among gridDim.y blocks, so that small
-//      batches still fill the GPU; partial maxima meet in an atomicMax.
+//      when keys are needed, also zeroes the overlap keys and lists each
+//      image's examples by class (KeyLists: boxes widened to acc_t, areas).
+//   2. overlap_key_kernel, one thread per list slot: IoU_p,n of negatives
+//      and the key of positives, each over the other class's list of its
+//      image (no tile staging, no barrier). Each query's keys are split among
+//      gridDim.y blocks, so that small batches still fill the GPU; partial
+//      maxima meet in an atomicMax.
 //   3. select_kernel, one block per image: class counts and key ranges, bin
 //      counts, water-filling, sampling keys, the per-segment top-k by block
 //      radix select, the epsilon weights and the ordered compaction into the
@@ -128,14 +128,33 @@ __global__ void clamp_splits_kernel(const int64_t* __restrict__ proposal_splits,
 }
 
 // ---------------------------------------------------------------------------
+// The examples that overlap keys are maxima over, listed by class per image,
+// in one array of the batch's example count: image b's region [start(b),
+// start(b+1)) holds its positives from the front and its negatives from the
+// back (they never meet: an image has no more of both than examples); with
+// pos_key_all the ignored examples too, among the negatives. Each
+// entry is a box with its area and its example position. match_kernel appends
+// through one atomic counter per image and class, so the order inside a list
+// varies from run to run; the keys do not, since a max does not depend on
+// the order of its terms.
+template <typename acc_t>
+struct KeyLists {
+  acc_t* box;            // [4 * E]
+  acc_t* area;           // [E]
+  int64_t* example;      // [E] image-major position of the listed example
+  unsigned int* count;   // [2 * B]: positives listed, others listed, per image
+  bool with_ignored;     // ignored examples listed too (pos_key_all)
+};
+
+// ---------------------------------------------------------------------------
 // 1. Matching.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     match_kernel(ImageLayout layout, int64_t num_examples, const scalar_t* __restrict__ proposals,
                  const scalar_t* __restrict__ gt_boxes, at::opmath_type<scalar_t> fg_thresh,
-                 at::opmath_type<scalar_t> bg_thresh, at::opmath_type<scalar_t>* __restrict__ boxes,
-                 int8_t* __restrict__ label, int64_t* __restrict__ matched,
-                 at::opmath_type<scalar_t>* __restrict__ iou_gt, double* __restrict__ overlap_key) {
+                 at::opmath_type<scalar_t> bg_thresh, int8_t* __restrict__ label,
+                 int64_t* __restrict__ matched, at::opmath_type<scalar_t>* __restrict__ iou_gt,
+                 double* __restrict__ overlap_key, KeyLists<at::opmath_type<scalar_t>> lists) {
   using acc_t = at::opmath_type<scalar_t>;
   OS_GRID_STRIDE_LOOP(x, num_examples) {
     const int64_t b = layout.image_of(x);
@@ -170,126 +189,91 @@ __global__ void __launch_bounds__(kThreads)
     } else if (best < bg_thresh) {
       l = kNegative;
     }
-#pragma unroll
-    for (int k = 0; k < 4; ++k) boxes[4 * x + k] = box[k];
     label[x] = l;
     matched[x] = best_gt;
     iou_gt[x] = best;
-    if (overlap_key != nullptr) overlap_key[x] = 0.0;  // "0 if none"; overlap_key_kernel maxes into it
+    if (overlap_key != nullptr) {
+      overlap_key[x] = 0.0;  // "0 if none"; overlap_key_kernel maxes into it
+      if (l != kIgnored || lists.with_ignored) {
+        const bool positive = l == kPositive;
+        const unsigned int rank = atomicAdd(lists.count + 2 * b + (positive ? 0 : 1), 1u);
+        const int64_t slot = positive ? layout.start(b) + rank : layout.start(b + 1) - 1 - rank;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) lists.box[4 * slot + k] = box[k];
+        lists.area[slot] = gpu::area_of(box);
+        lists.example[slot] = x;
+      }
+    }
   }
 }
 
 // ---------------------------------------------------------------------------
-// 2. Overlap keys: for each example that needs one, the max IoU with the
-// image's examples of the other class (or with all others). Block (i, j)
-// visits tiles j, j + gridDim.y, ... of each image. Max is exact, so neither
-// the order of tiles and members nor the split changes the result: partial
-// maxima go through atomicMax on the key's bits (non-negative doubles order
-// like their bits; acc_t -> double is exact and monotone).
+// 2. Overlap keys: for each listed example that needs one, the max IoU with
+// the listed examples of the other class of its image (or with all others),
+// one thread per list slot. Threads of one image and class walk the same keys
+// in the same order, so a warp reads each key once (a broadcast) and only the
+// warps at a class or image boundary diverge; no shared memory, no barrier.
+// The keys of each query are split into gridDim.y chunks, one per block row,
+// so that small batches still fill the GPU; partial maxima meet in an
+// atomicMax on the key's bits (non-negative doubles order like their bits;
+// acc_t -> double is exact and monotone), so neither the split nor the list
+// order changes the result.
+template <typename T>
+__device__ __forceinline__ void load_box(const T* __restrict__ p, T (&box)[4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) box[k] = __ldg(p + k);
+}
+template <>
+__device__ __forceinline__ void load_box<float>(const float* __restrict__ p, float (&box)[4]) {
+  const float4 v = __ldg(reinterpret_cast<const float4*>(p));  // 16-byte aligned: a Workspace array
+  box[0] = v.x;
+  box[1] = v.y;
+  box[2] = v.z;
+  box[3] = v.w;
+}
+
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    overlap_key_kernel(ImageLayout layout, int64_t num_examples, const acc_t* __restrict__ boxes,
+    overlap_key_kernel(ImageLayout layout, int64_t num_examples, KeyLists<acc_t> lists,
                        const int8_t* __restrict__ label, bool negative_keys, bool positive_keys,
                        bool positive_key_all, double* __restrict__ overlap_key) {
-  // One tile, partitioned by class: positives at [0, P), negatives at
-  // [P, P + N), ignored after (ranks from one block scan, so the order is
-  // deterministic). Each box with its area, and its slot in the tile for the
-  // self-exclusion of kOverAllOthers: the inner loops read a box and an area
-  // per pair, with no indirection. 5 values and an int per thread: 44 KB at
-  // 1024 threads in double, under the 48 KB of static shared memory.
-  __shared__ acc_t tile_box[kThreads][4];
-  __shared__ acc_t tile_area[kThreads];
-  __shared__ int tile_slot[kThreads];
-  __shared__ unsigned long long scan_scratch[gpu::kWarps];
-  static_assert(kThreads * (5 * sizeof(acc_t) + sizeof(int)) +
-                        gpu::kWarps * sizeof(unsigned long long) <= 48 * 1024,
-                "overlap_key_kernel's tile exceeds static shared memory");
-
-  const int64_t tile_stride = static_cast<int64_t>(gridDim.y) * kThreads;
-  for (int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads; first < num_examples;
-       first += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t last = min(first + kThreads, num_examples) - 1;
-    const int64_t x = first + threadIdx.x;
-    const bool valid = x < num_examples;
-    const int64_t b_first = layout.image_of(first);
-    const int64_t b_last = layout.image_of(last);
-    const int64_t my_image = valid ? layout.image_of(x) : -1;
-    const int8_t my_label = valid ? label[x] : kIgnored;
+  OS_GRID_STRIDE_LOOP(slot, num_examples) {
+    const int64_t b = layout.image_of(slot);
+    const int64_t x0 = layout.start(b);
+    const int64_t x1 = layout.start(b + 1);
+    const int64_t num_pos = __ldg(lists.count + 2 * b);
+    const int64_t num_neg = __ldg(lists.count + 2 * b + 1);
+    const int64_t neg0 = x1 - num_neg;  // first slot of the negatives (and ignored)
     int over = kOverNothing;
-    if (my_label == kNegative && negative_keys) {
+    if (slot < x0 + num_pos) {
+      over = positive_keys ? (positive_key_all ? kOverAllOthers : kOverNegatives) : kOverNothing;
+    } else if (slot >= neg0 && negative_keys &&
+               (!lists.with_ignored || label[lists.example[slot]] == kNegative)) {
       over = kOverPositives;
-    } else if (my_label == kPositive && positive_keys) {
-      over = positive_key_all ? kOverAllOthers : kOverNegatives;
     }
-    acc_t box[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-    if (over != kOverNothing) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) box[k] = boxes[4 * x + k];
-    }
-    const acc_t area = gpu::area_of(box);
+    if (over == kOverNothing) continue;  // a slot of the gap, or no key wanted
+    // The keys as one index range [0, total): positives then negatives.
+    const int64_t first = over == kOverNegatives ? num_pos : 0;
+    const int64_t total = over == kOverPositives ? num_pos : num_pos + num_neg;
+    const int64_t chunk = (total - first + gridDim.y - 1) / gridDim.y;
+    const int64_t lo = first + chunk * blockIdx.y;
+    const int64_t hi = min(lo + chunk, total);
+    acc_t box[4];
+    load_box(lists.box + 4 * slot, box);
+    const acc_t area = lists.area[slot];
     acc_t best = acc_t(0);  // "0 if none", as the CPU's sweep
-    for (int64_t b = b_first; b <= b_last; ++b) {
-      const bool mine = over != kOverNothing && my_image == b;
-      // Block-uniform skip; the barrier also retires the last tile's readers.
-      if (!__syncthreads_or(mine)) continue;
-      const int64_t x0 = layout.start(b);
-      const int64_t x1 = layout.start(b + 1);
-      for (int64_t t0 = x0 + static_cast<int64_t>(blockIdx.y) * kThreads; t0 < x1; t0 += tile_stride) {
-        const int t = static_cast<int>(threadIdx.x);
-        const int64_t y = t0 + t;
-        const int count = x1 - t0 < kThreads ? static_cast<int>(x1 - t0) : kThreads;
-        const int c = t < count ? class_of(label[y]) : -1;
-        unsigned long long totals;
-        const unsigned long long ranks = gpu::block_exclusive_sum(
-            (c == kPos ? 1ull : 0ull) | (c == kNeg ? (1ull << 32) : 0ull), scan_scratch, &totals);
-        const int num_pos = static_cast<int>(totals & 0xffffffffull);
-        const int num_neg = static_cast<int>(totals >> 32);
-        if (t < count) {
-          // Valid threads are a prefix, so t counts every class before it.
-          const int pos_rank = static_cast<int>(ranks & 0xffffffffull);
-          const int neg_rank = static_cast<int>(ranks >> 32);
-          const int slot = c == kPos   ? pos_rank
-                           : c == kNeg ? num_pos + neg_rank
-                                       : num_pos + num_neg +
-                                             (t - pos_rank - neg_rank);
-          acc_t key_box[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) key_box[k] = boxes[4 * y + k];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) tile_box[slot][k] = key_box[k];
-          tile_area[slot] = gpu::area_of(key_box);
-          tile_slot[slot] = t;
-        }
-        __syncthreads();
-        if (mine) {
-          // kOverAllOthers: the whole tile but itself; else one class's range.
-          const int lo = over == kOverNegatives ? num_pos : 0;
-          const int hi = over == kOverAllOthers ? count
-                         : over == kOverPositives ? num_pos
-                                                  : num_pos + num_neg;
-          const int self = over == kOverAllOthers && x >= t0 && x < t0 + count
-                               ? static_cast<int>(x - t0)
-                               : -1;
-          if (self >= 0) {
-            for (int s = lo; s < hi; ++s) {
-              if (tile_slot[s] == self) continue;  // itself excluded
-              const acc_t iou = gpu::box_iou(box, area, tile_box[s], tile_area[s]);
-              best = iou > best ? iou : best;
-            }
-          } else {
-            for (int s = lo; s < hi; ++s) {
-              const acc_t iou = gpu::box_iou(box, area, tile_box[s], tile_area[s]);
-              best = iou > best ? iou : best;
-            }
-          }
-        }
-        __syncthreads();
-      }
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t k = i < num_pos ? x0 + i : neg0 + (i - num_pos);
+      if (k == slot) continue;  // itself (kOverAllOthers only)
+      acc_t key_box[4];
+      load_box(lists.box + 4 * k, key_box);
+      const acc_t iou = gpu::box_iou(box, area, key_box, __ldg(lists.area + k));
+      best = iou > best ? iou : best;
     }
     // Computed in acc_t, then converted to double (docs/ops.md, step 3). A zero
     // (or NaN, never taken by the max) leaves match_kernel's +0.0.
-    if (over != kOverNothing && best > acc_t(0)) {
-      atomicMax(reinterpret_cast<unsigned long long*>(overlap_key + x),
+    if (best > acc_t(0)) {
+      atomicMax(reinterpret_cast<unsigned long long*>(overlap_key + lists.example[slot]),
                 static_cast<unsigned long long>(__double_as_longlong(static_cast<double>(best))));
     }
   }
@@ -645,10 +629,10 @@ class Workspace {
   at::Tensor buffer_;
 };
 
-// Blocks along gridDim.y of overlap_key_kernel: enough, with the query blocks,
-// for about 8 blocks per multiprocessor, and no more than an average image has
-// tiles. Only shapes are read (no sync); an image with fewer tiles than splits
-// leaves some blocks idle, never wrong.
+// Blocks along gridDim.y of overlap_key_kernel (chunks of each query's keys):
+// enough, with the query blocks, for about 8 blocks per multiprocessor, and
+// chunks of at least 64 keys of an average image. Only shapes are read (no
+// sync); a short key list leaves some blocks idle, never wrong.
 unsigned int key_splits(int64_t num_examples, int64_t num_images) {
   int device = 0;
   int multiprocessors = 0;
@@ -657,9 +641,9 @@ unsigned int key_splits(int64_t num_examples, int64_t num_images) {
   const int64_t query_blocks = gpu::grid_blocks(num_examples);
   const int64_t per_image = (num_examples + std::max<int64_t>(num_images, 1) - 1) /
                             std::max<int64_t>(num_images, 1);
-  const int64_t tiles = std::max<int64_t>((per_image + kThreads - 1) / kThreads, 1);
+  const int64_t chunks = std::max<int64_t>(per_image / 64, 1);
   const int64_t wanted = std::max<int64_t>(8 * int64_t{multiprocessors} / query_blocks, 1);
-  return static_cast<unsigned int>(std::min<int64_t>({wanted, tiles, 65535}));
+  return static_cast<unsigned int>(std::min<int64_t>({wanted, chunks, 65535}));
 }
 
 // Dynamic shared memory that select_kernel<acc_t> may use on the current
@@ -794,25 +778,36 @@ SampleResult sample_from_uniforms_cuda(
     const size_t sampling_keys_at = ws.reserve<unsigned long long>(num_examples);
     const size_t gt_best_iou_at = ws.reserve<unsigned long long>(num_gt);
     const size_t gt_best_example_at = ws.reserve<unsigned long long>(num_gt);
-    const size_t boxes_at = ws.reserve<acc_t>(4 * num_examples);
+    const bool any_keys = negative_keys || positive_keys;
+    const int64_t listed = any_keys ? num_examples : 0;
+    const size_t list_box_at = ws.reserve<acc_t>(4 * listed);
+    const size_t list_area_at = ws.reserve<acc_t>(listed);
+    const size_t list_example_at = ws.reserve<int64_t>(listed);
+    const size_t list_count_at = ws.reserve<unsigned int>(any_keys ? 2 * num_images : 0);
     const size_t iou_gt_at = ws.reserve<acc_t>(num_examples);
     const size_t segment_at = ws.reserve<int16_t>(num_examples);
     const size_t label_at = ws.reserve<int8_t>(num_examples);
     ws.allocate(props.options());
+    const KeyLists<acc_t> lists{ws.at<acc_t>(list_box_at), ws.at<acc_t>(list_area_at),
+                                ws.at<int64_t>(list_example_at),
+                                ws.at<unsigned int>(list_count_at), o.pos_key_all};
 
-    const bool any_keys = negative_keys || positive_keys;
     if (num_examples > 0) {
+      if (any_keys) {  // a memset, not a kernel; capturable in a CUDA graph
+        C10_CUDA_CHECK(cudaMemsetAsync(lists.count, 0, 2 * num_images * sizeof(unsigned int),
+                                       stream));
+      }
       match_kernel<scalar_t><<<gpu::grid_blocks(num_examples), kThreads, 0, stream>>>(
           layout, num_examples, props.const_data_ptr<scalar_t>(), gts.const_data_ptr<scalar_t>(),
           static_cast<acc_t>(o.fg_iou_thresh), static_cast<acc_t>(o.bg_iou_thresh),
-          ws.at<acc_t>(boxes_at), ws.at<int8_t>(label_at), ws.at<int64_t>(matched_at),
-          ws.at<acc_t>(iou_gt_at), any_keys ? ws.at<double>(overlap_key_at) : nullptr);
+          ws.at<int8_t>(label_at), ws.at<int64_t>(matched_at), ws.at<acc_t>(iou_gt_at),
+          any_keys ? ws.at<double>(overlap_key_at) : nullptr, lists);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (any_keys) {
         const dim3 grid(gpu::grid_blocks(num_examples), key_splits(num_examples, num_images));
         overlap_key_kernel<acc_t><<<grid, kThreads, 0, stream>>>(
-            layout, num_examples, ws.at<acc_t>(boxes_at), ws.at<int8_t>(label_at), negative_keys,
-            positive_keys, o.pos_key_all, ws.at<double>(overlap_key_at));
+            layout, num_examples, lists, ws.at<int8_t>(label_at), negative_keys, positive_keys,
+            o.pos_key_all, ws.at<double>(overlap_key_at));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }

@@ -100,7 +100,7 @@ stamp benchmarked
 export PYTHONPATH=$PWD/python
 timeout "$(budget "$CHECK_CAP")" "$PY" -m pytest tests -k "cuda or build_info" -q -p no:cacheprovider -rfEs --continue-on-collection-errors \
   --ignore tests/test_data.py --ignore tests/test_evaluate.py --ignore tests/test_train.py \
-  --ignore tests/test_cli.py > "$OUT/pytest.log" 2>&1 &
+  --ignore tests/test_cli.py --ignore tests/test_predict.py > "$OUT/pytest.log" 2>&1 &
 pytest_pid=$!
 sanitize() {
   timeout "$(budget $((CHECK_CAP - 20)))" compute-sanitizer --tool "$1" --error-exitcode 1 --print-limit 20 \
