@@ -456,6 +456,15 @@ def test_unreadable_image_is_reported(tmp_path):
         CocoDetection(image_dir, annotation_file)[0]
 
 
+def test_floating_point_images_are_reported_up_front(tmp_path):
+    """A mode F TIFF has a readable header of the right size; its pixels have no known range."""
+    image_dir, annotation_file = write_tiny_coco(tmp_path, _set(["images", 1, "file_name"], "a.tif"))
+    Image.fromarray(np.full((H, W), 0.5, dtype=np.float32), "F").save(os.path.join(image_dir, "a.tif"))
+    with pytest.raises(DatasetError, match=r"a.tif \(image id 4 of .*instances.json\): cannot read image "
+                                           r"\(floating-point pixels \(PIL mode 'F'\)"):
+        CocoDetection(image_dir, annotation_file)
+
+
 def test_missing_annotation_file(tmp_path):
     with pytest.raises(DatasetError, match="annotation file not found"):
         CocoDetection(str(tmp_path), str(tmp_path / "missing.json"))

@@ -1,9 +1,9 @@
 """COCO-format detection datasets on pycocotools, validated up front.
 
 A COCO instances file is checked record by record when the dataset is built (structure, ids,
-boxes, masks, image files and their sizes, read from the headers), so a broken file fails before
-training starts, with a message naming the file and the record. Only an image whose pixels cannot
-be decoded fails later, when it is loaded.
+boxes, masks, image files, their sizes and pixel formats, read from the headers), so a broken file
+fails before training starts, with a message naming the file and the record. Only an image whose
+pixels cannot be decoded fails later, when it is loaded.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from .images import image_to_tensor
+from .images import check_pixel_format, image_to_tensor
 
 __all__ = ["BOX_TOLERANCE", "MIN_BOX_SIDE", "CocoDetection", "DatasetError", "collate",
            "compressed_rle_counts", "decode_rle"]
@@ -185,7 +185,8 @@ class CocoDetection(torch.utils.data.Dataset):
         """Cheap checks of every record, so a broken file fails before training starts.
 
         Images: ``id`` int, unique; ``file_name`` str naming an existing image file whose header
-        gives ``width`` x ``height`` (positive ints). Categories: ``id`` int, unique. Annotations:
+        gives ``width`` x ``height`` (positive ints) and pixels that can be read (not floating
+        point). Categories: ``id`` int, unique. Annotations:
         ``id`` int, unique; ``image_id`` and ``category_id`` of an existing image/category; ``bbox``
         4 finite numbers with non-negative width/height, inside its image up to
         :data:`BOX_TOLERANCE` pixels; ``iscrowd`` 0/1 and ``area`` a finite number when present;
@@ -296,10 +297,12 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.image_ids)
 
     def _check_size(self, path: str, info: dict, image: Image.Image | None = None) -> None:
-        """DatasetError unless the image file (or its opened ``image``) has the json's size."""
+        """DatasetError unless the image file (or its opened ``image``) has the json's size and pixels
+        that can be read (:func:`check_pixel_format`)."""
         record = f"image id {info['id']}"
         try:
             with contextlib.nullcontext(image) if image is not None else Image.open(path) as im:
+                check_pixel_format(im)
                 if im.size == (info["width"], info["height"]):
                     return
                 size, orientation = im.size, im.getexif().get(_EXIF_ORIENTATION, 1)

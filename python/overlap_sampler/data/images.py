@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["image_size", "image_to_tensor", "read_image"]
+__all__ = ["check_pixel_format", "image_size", "image_to_tensor", "read_image"]
 
 # PIL modes of single-channel images with more than 8 bits (16-bit PNGs open as "I;16" or "I"):
 # PIL's convert("RGB") clips them at 255, so they are scaled by 65535 instead.
@@ -20,13 +20,19 @@ _WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I")
 _UNSUPPORTED_MODES = ("F",)
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An opened PIL image as float32 ``[3, H, W]`` in [0, 1] (grey and palette images as RGB,
-    alpha dropped, 16-bit grey scaled by 65535, wider integers clipped there). ``ValueError`` for
-    floating-point images (mode ``F``)."""
+def check_pixel_format(image: Image.Image) -> None:
+    """``ValueError`` if :func:`image_to_tensor` refuses the pixels of the opened ``image``
+    (floating point, mode ``F``). Reads the header only, so datasets check every file up front."""
     if image.mode in _UNSUPPORTED_MODES:
         raise ValueError(f"floating-point pixels (PIL mode {image.mode!r}) have no known range: save the image "
                          "with 8 or 16 bits per channel")
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An opened PIL image as float32 ``[3, H, W]`` in [0, 1] (grey and palette images as RGB,
+    alpha dropped, 16-bit grey scaled by 65535, wider integers clipped there). ``ValueError`` for
+    floating-point images (mode ``F``, see :func:`check_pixel_format`)."""
+    check_pixel_format(image)
     if image.mode in _WIDE_GRAY_MODES:
         gray = np.asarray(image, dtype=np.float32) / 65535.0
         return torch.from_numpy(np.clip(gray, 0.0, 1.0)).expand(3, *gray.shape).contiguous()
@@ -45,9 +51,10 @@ def read_image(path: str) -> torch.Tensor:
 
 def image_size(path: str) -> tuple[int, int]:
     """``(width, height)`` of the image file at ``path``, from its header; ``ValueError`` naming it if
-    it cannot be read."""
+    it cannot be read (or :func:`read_image` would refuse its pixels)."""
     try:
         with Image.open(path) as image:
+            check_pixel_format(image)
             return image.size
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
