@@ -21,6 +21,7 @@ import warnings
 import pytest
 import torch
 
+from overlap_sampler.cli import main as cli_main
 from overlap_sampler.data import make_synthetic_coco
 from overlap_sampler.engine import TrainConfig, load_checkpoint, load_model_from_checkpoint, train
 from overlap_sampler.engine.train import IterationBatchSampler, lr_at
@@ -360,6 +361,75 @@ def test_resume_explicit_path_must_exist(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path / "run", resume=str(tmp_path / "nope.pth"))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         train(cfg)
+
+
+def test_resume_from_a_text_file_is_a_clear_error(tiny_data, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("epoch 3 was the best\n")  # torch's unpickler: "KeyError: 101" (the "e")
+    assert cli_main(["train", *cli_args(tiny_settings(tiny_data, tmp_path / "run", resume=str(notes)))]) == 2
+    err = capsys.readouterr().err
+    assert (f"overlap-sampler train: error: checkpoint {notes} is not a readable checkpoint (a text file, not a "
+            "torch.save file: it begins 'epoch 3 was the best')") in err
+    assert "KeyError" not in err
+
+
+def test_a_run_never_writes_over_its_inputs(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    annotations = out / "metrics.json"  # the run's own metrics.json would replace it
+    annotations.write_bytes(open(tiny_data[1], "rb").read())
+    weights = out / "checkpoint_0000002.pth"  # so would its checkpoint of iteration 2
+    weights.write_bytes(b"initial weights")
+    before = {p: p.read_bytes() for p in (annotations, weights)}
+    for settings, clash in [({"train_annotations": str(annotations)},
+                             f"the output metrics.json {annotations} would overwrite the training annotations {annotations}"),
+                            ({"weights": str(weights)},
+                             f"the checkpoint {weights} would overwrite the initial weights {weights}")]:
+        with pytest.raises(ValueError, match=re.escape(clash) + ", which this command reads: give another --output-dir"):
+            train(tiny_config(tiny_data, out, **settings))
+    assert {p: p.read_bytes() for p in before} == before and sorted(os.listdir(out)) == [
+        "checkpoint_0000002.pth", "metrics.json"]  # nothing written, not even config.json
+    # An output folder that is a file: one line, no FileExistsError traceback.
+    (tmp_path / "file").write_text("a file")
+    assert cli_main(["train", *cli_args(tiny_settings(tiny_data, tmp_path / "file"))]) == 2
+    assert capsys.readouterr().err == (f"overlap-sampler train: error: cannot write the output folder {tmp_path / 'file'}: "
+                                       f"{tmp_path / 'file'} is a file, not a folder\n")
+
+
+def test_temporaries_of_killed_writes_are_removed_when_a_run_starts_there(tiny_data, tmp_path):
+    from overlap_sampler.io_safety import STALE_AFTER_S
+
+    out = tmp_path / "run"
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    hex32 = "0123456789abcdef" * 2
+    stale = [f".checkpoint_0000002.pth~{gone.pid}-{hex32}.overlap-sampler-tmp", f".tmp_{gone.pid}_{hex32}.pth",
+             f".tmp_last_checkpoint.pth.{gone.pid}", "metrics.json.tmp"]  # the last three: older versions' names
+    kept = ["notes.tmp", "my.pth"]
+    then = time.time() - STALE_AFTER_S - 60
+    for name in stale + kept:
+        (out / name).write_bytes(b"x")
+        os.utime(out / name, (then, then))
+    train(tiny_config(tiny_data, out, iterations=1, eval_at_end=False))
+    left = sorted(os.listdir(out))
+    assert not set(stale) & set(left) and set(kept) <= set(left)
+    assert not [name for name in left if "tmp" in name and name not in kept]
+
+
+def test_a_bad_image_in_a_loader_worker_is_one_line_and_its_traceback_is_logged(tmp_path, capsys):
+    image_dir, annotations = make_synthetic_coco(str(tmp_path / "data"), num_images=4, image_size=64, split="train")
+    first = sorted(os.listdir(image_dir))[0]
+    data = open(os.path.join(image_dir, first), "rb").read()
+    open(os.path.join(image_dir, first), "wb").write(data[:len(data) // 2])  # the header reads, the pixels do not
+    settings = tiny_settings((image_dir, annotations, image_dir, annotations), tmp_path / "run", num_workers=1,
+                             batch_size=4, eval_at_end=False, iterations=1)
+    assert cli_main(["train", *cli_args(settings)]) == 2
+    err = capsys.readouterr().err
+    assert f"overlap-sampler train: error: {os.path.join(image_dir, first)} (image id" in err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "a DataLoader worker failed to load a sample" in log and "Traceback" in log
 
 
 def test_imagenet_backbone_run_reloads_and_resumes_with_its_layout(tiny_data, tmp_path):

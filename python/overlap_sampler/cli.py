@@ -18,6 +18,8 @@ import json
 import sys
 from typing import Any
 
+from .io_safety import OutputError
+
 # Help texts of the [sampler] settings (the SamplerConfig fields; `sampler` itself is the --sampler preset).
 SAMPLER_HELP = {
     "neg_strategy": "strategy for negatives by their IoU_p,n: uniform, hard, soft (Eq. 2), soft_reference, "
@@ -188,8 +190,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(parser, args)
-    except (FileNotFoundError, ValueError) as e:
-        # User errors (missing files, bad settings, bad data) read better without a traceback.
+    except (FileNotFoundError, ValueError, OutputError) as e:
+        # User errors (missing files, bad settings, bad data, outputs that cannot be written) read
+        # better without a traceback.
         print(f"overlap-sampler {args.command}: error: {e}", file=sys.stderr)
         return 2
 

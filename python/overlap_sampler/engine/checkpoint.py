@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import os
 import random
-import uuid
 import zipfile
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..torch_load import load_error_reason
+from ..io_safety import atomic_write, replace_with_link
+from ..torch_load import load_error_reason, not_a_torch_file
 from .config import TrainConfig, apply_preset
 
 CHECKPOINT_FORMAT = 1
@@ -70,29 +70,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- save / load
-def _atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` into a temporary file of the same directory, then ``os.replace``: a reader (or a
-    run killed mid-write) never sees a half-written file under ``path``. The temporary file is created
-    with mode 0666, which the kernel reduces by the umask, as for a plain ``open`` (mkstemp's owner-only
-    0600 would keep teammates who read the run's other outputs from evaluating its checkpoints)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".tmp_{os.getpid()}_{uuid.uuid4().hex}.pth")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(state: dict[str, Any], output_dir: str) -> str:
     """Write ``state`` to ``<output_dir>/checkpoint_<iteration:07d>.pth`` and update
-    ``<output_dir>/last_checkpoint.pth``, both atomically. Returns the numbered file's path.
+    ``<output_dir>/last_checkpoint.pth`` (a hard link to it), both atomically (``io_safety``: a run
+    killed mid-write never leaves half a checkpoint under either name). Returns the numbered file's path.
 
     ``state`` must hold at least the keys of ``REQUIRED_KEYS`` (see the module docstring).
     """
@@ -101,17 +82,9 @@ def save_checkpoint(state: dict[str, Any], output_dir: str) -> str:
         raise ValueError(f"save_checkpoint: state lacks {', '.join(missing)}")
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, checkpoint_name(int(state["iteration"])))
-    _atomic_save(state, path)
-    last = os.path.join(output_dir, LAST)
-    # A hard link costs no disk; the replace keeps the update atomic. Copy where links are unsupported.
-    tmp = os.path.join(output_dir, f".tmp_{LAST}.{os.getpid()}")
-    try:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        os.link(path, tmp)
-        os.replace(tmp, last)
-    except OSError:
-        _atomic_save(state, last)
+    with atomic_write(path, "wb", what="checkpoint") as f:
+        torch.save(state, f)
+    replace_with_link(path, os.path.join(output_dir, LAST), what="checkpoint")
     return path
 
 
@@ -136,6 +109,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     if is_torchscript_archive(path):
         raise ValueError(f"checkpoint {path} is a TorchScript model (as `export` writes), not a training "
                          "checkpoint: give the .pth file it was exported from")
+    other = not_a_torch_file(path)
+    if other:  # torch's unpickler would answer e.g. "KeyError: 101" for a text file
+        raise ValueError(f"checkpoint {path} is not a readable checkpoint ({other})")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files

@@ -22,21 +22,23 @@ as an uninterrupted run (tests/test_train.py checks it).
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import math
 import os
 import random
+import re
 import sys
 import time
+import traceback
 import warnings
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from ..io_safety import atomic_write, check_not_inputs, prepare_output_dir, write_json
 from . import distributed as D
 from .checkpoint import (CHECKPOINT_FORMAT, LAST, backbone_layout, build_model_for, checkpoint_layout,
                          config_from_checkpoint, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state)
@@ -49,6 +51,11 @@ _RESULT_FIELDS = ("dataset", "data_root", "train_images", "train_annotations", "
                   "sampler", "weights", "backbone_weights", "trainable_backbone_layers", "min_size", "max_size",
                   "iterations", "batch_size", "lr", "momentum", "weight_decay", "warmup_iters", "warmup_factor",
                   "lr_steps", "lr_gamma", "clip_grad_norm", "amp", "seed")
+
+# What a run writes in its output folder besides the checkpoints (see the module docstring).
+OUTPUT_FILES = ("config.json", "train.log", "metrics.json", "loss_curve.png", "eval.json")
+# Temporary files of earlier versions (written as "<name>.tmp"), removed when a run starts there.
+_LEGACY_TEMPORARIES = ("config.json.tmp", "metrics.json.tmp", "eval.json.tmp")
 
 
 # ---------------------------------------------------------------------- learning rate
@@ -172,6 +179,14 @@ class FlipDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
+        if get_worker_info() is None:
+            return self._flipped(key)
+        try:
+            return self._flipped(key)
+        except (ValueError, OSError) as error:  # bad data (DatasetError...): see _LoadFailure
+            return _LoadFailure(error)
+
+    def _flipped(self, key):
         index, flip = key
         image, target = self.base[index]
         if flip:
@@ -187,10 +202,33 @@ class FlipDataset(Dataset):
         return image, target
 
 
+class _LoadFailure:
+    """A sample whose loading failed in a DataLoader worker with bad data, sent back as a value.
+
+    Raised in a worker, an error reaches the main process as a new exception whose message is the
+    worker's whole traceback; a user needs the one line that names the bad file. The traceback goes
+    to the log file (:meth:`reraise`).
+    """
+
+    def __init__(self, error: Exception):
+        self.error_type, self.message = type(error), str(error)
+        self.detail = traceback.format_exc()
+
+    def reraise(self, logger: logging.Logger) -> None:
+        logger.error("a DataLoader worker failed to load a sample:\n%s", self.detail.rstrip(),
+                     extra={"file_only": True})
+        try:
+            error = self.error_type(self.message)
+        except Exception:  # a type whose constructor wants more than a message
+            error = RuntimeError(f"{self.error_type.__name__}: {self.message}")
+        raise error
+
+
 def _collate(batch):
     from ..data import collate
 
-    return collate(batch)
+    failed = next((item for item in batch if isinstance(item, _LoadFailure)), None)
+    return failed if failed is not None else collate(batch)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -206,9 +244,12 @@ def seed_everything(seed: int) -> None:
 
 
 class _TqdmHandler(logging.StreamHandler):
-    """Console logging that does not break a tqdm bar."""
+    """Console logging that does not break a tqdm bar; records logged with ``extra={"file_only": True}``
+    (details such as a worker's traceback) go to the log file only."""
 
     def emit(self, record):
+        if getattr(record, "file_only", False):
+            return
         try:
             from tqdm import tqdm
 
@@ -273,13 +314,6 @@ def _resolve_resume(config: TrainConfig) -> str | None:
     return config.resume
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def plot_loss_curve(history: list[dict[str, Any]], path: str) -> None:
     """Losses (log scale) and LR against iterations, as a PNG (matplotlib, Agg backend)."""
     import matplotlib
@@ -304,8 +338,11 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str) -> None:
     ax_lr.set_xlabel("iteration")
     ax_lr.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb", fsync=False, what="loss curve") as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------- the job
@@ -317,6 +354,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """
     config.validate()
     config = config.with_absolute_paths()  # recorded in config.json and checkpoints
+    check_inputs_kept(config)  # on every rank, before anything is written
     threads_before = torch.get_num_threads()
     info = D.init_distributed(config.device)
     if config.threads:
@@ -335,14 +373,42 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return result
 
 
+def checkpoints_at(config: TrainConfig, iteration: int) -> bool:
+    """Whether a run of ``config`` may write a checkpoint at ``iteration``, wherever it resumes: at
+    multiples of ``checkpoint_every``, the last iteration and ``stop_after``."""
+    return 0 < iteration <= config.iterations and (iteration % config.checkpoint_every == 0 or iteration in (
+        config.iterations, config.stop_after))
+
+
+def check_inputs_kept(config: TrainConfig) -> None:
+    """``ValueError`` if the run would write one of its input files (annotations, initial weights),
+    naming both: its output folder's files (:data:`OUTPUT_FILES`), checkpoints and
+    ``last_checkpoint.pth``. The ``resume`` checkpoint is exempt: it is read whole before the run
+    continues in its folder, and checkpoints are replaced atomically (a new file, not rewritten).
+    """
+    names = {"weights": "initial weights", "backbone_weights": "backbone weights"}
+    if config.dataset == "coco":
+        names["train_annotations"] = "training annotations"
+        if config.eval_at_end:
+            names["val_annotations"] = "validation annotations"
+    inputs = [(what, getattr(config, name)) for name, what in names.items() if getattr(config, name) is not None]
+    outputs = [(f"output {name}", os.path.join(config.output_dir, name)) for name in OUTPUT_FILES + (LAST,)]
+    # Checkpoints by name: there may be thousands, and only a name of an input can be one.
+    for _, path in inputs:
+        match = re.fullmatch(r"checkpoint_([0-9]{7,})\.pth", os.path.basename(path))
+        if match and checkpoints_at(config, int(match.group(1))):
+            outputs.append(("checkpoint", os.path.join(config.output_dir, os.path.basename(path))))
+    check_not_inputs(outputs, inputs, advice="give another --output-dir")
+
+
 def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     device = info.device
     if info.is_main:
-        os.makedirs(config.output_dir, exist_ok=True)
+        prepare_output_dir(config.output_dir, legacy_names=_LEGACY_TEMPORARIES)
     D.barrier()
     logger = setup_logger(config.output_dir, info.is_main)
     if info.is_main:
-        _write_json(os.path.join(config.output_dir, "config.json"), config.to_dict())
+        write_json(os.path.join(config.output_dir, "config.json"), config.to_dict(), indent=2)
     logger.info("training %s/%s with sampler %s on %s (world size %d)", config.arch, config.backbone,
                 config.sampler.to_dict(), device, info.world_size)
 
@@ -513,7 +579,7 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
                    "iteration": iteration, "iterations": config.iterations,
                    "train_time_s": elapsed_before + (time.perf_counter() - t_start), "history": history,
                    "eval": eval_metrics}
-        _write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
+        write_json(os.path.join(config.output_dir, "metrics.json"), metrics, indent=2)
         plot_loss_curve(history, os.path.join(config.output_dir, "loss_curve.png"))
         return metrics
 
@@ -533,7 +599,10 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     last_ckpt = None
     logger.info("iterations %d -> %d of %d, %d images per iteration, LR steps at %s", start_iter, end_iter,
                 config.iterations, global_batch, config.resolved_lr_steps())
-    for images, targets in loader:
+    for batch in loader:
+        if isinstance(batch, _LoadFailure):
+            batch.reraise(logger)
+        images, targets = batch
         lr = schedule.set(iteration)
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
@@ -610,7 +679,7 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
         eval_metrics = evaluate(core, val_set, device=device, batch_size=config.eval_batch_size,
                                 progress=config.progress)
         logger.info("evaluation:\n%s", format_table(eval_metrics))
-        _write_json(os.path.join(config.output_dir, "eval.json"), eval_metrics)
+        write_json(os.path.join(config.output_dir, "eval.json"), eval_metrics, indent=2)
     elif not finished:
         logger.info("stopped at iteration %d of %d; continue with resume='auto'", iteration, config.iterations)
     metrics = write_metrics(eval_metrics)
