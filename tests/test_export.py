@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import needs_cuda
+from overlap_sampler.cli import main as cli_main
 from overlap_sampler.detection import build_detector
 from overlap_sampler.engine.export import (
     compare_detections,
@@ -93,9 +94,12 @@ def test_scripted_behaviour_differing_from_eager_is_named(tmp_path):
                 boxes = boxes + 0.5
             return [{"boxes": boxes, "labels": torch.ones(1, dtype=torch.int64)} for _ in images]
 
-    with pytest.raises(RuntimeError, match=r"image 0: 'boxes' differs .*4 of 4 values differ, "
-                                           r"max abs difference 0.5"):
+    (tmp_path / "m.pt").write_bytes(b"an earlier export")
+    with pytest.raises(RuntimeError, match=r"so .*m.pt is not written:\n  image 0: 'boxes' differs .*4 of 4 "
+                                           r"values differ, max abs difference 0.5"):
         export_torchscript(Diverges(), str(tmp_path / "m.pt"), example_images(32, count=1))
+    # Only a verified file is put in place; the temporary is gone.
+    assert os.listdir(tmp_path) == ["m.pt"] and (tmp_path / "m.pt").read_bytes() == b"an earlier export"
 
 
 def test_bad_example_images(tmp_path):
@@ -187,6 +191,52 @@ def test_export_checkpoint(checkpoint_and_data, tmp_path, capsys):
         export_checkpoint(checkpoint, str(tmp_path / "new"))
     with pytest.raises(ValueError, match="is a TorchScript model .* not a training checkpoint"):
         export_checkpoint(output, str(tmp_path / "again.pt"))
+
+
+def test_export_never_writes_over_its_checkpoint(checkpoint_and_data, tmp_path, capsys):
+    checkpoint = tmp_path / "last_checkpoint.pth"
+    checkpoint.write_bytes(Path(checkpoint_and_data[0]).read_bytes())
+    os.link(checkpoint, tmp_path / "linked.pth")
+    before = checkpoint.read_bytes()
+    for output, backbone in [(checkpoint, None), (tmp_path / "linked.pth", None), (tmp_path / "m.pt", checkpoint)]:
+        argv = ["export", "--checkpoint", str(checkpoint), "--output", str(output), "--image-size", "64"]
+        assert cli_main(argv + (["--backbone-output", str(backbone)] if backbone else [])) == 2, argv
+        what, path = ("TorchScript file", output) if backbone is None else ("backbone program", backbone)
+        assert capsys.readouterr().err == (f"overlap-sampler export: error: writing the {what} {path} would "
+                                           f"overwrite the checkpoint {checkpoint}, which this command reads: "
+                                           "choose another output path\n")
+    assert checkpoint.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["last_checkpoint.pth", "linked.pth"]
+    with pytest.raises(ValueError, match="output and backbone_output are one file"):
+        export_checkpoint(str(checkpoint), str(tmp_path / "m.pt"), backbone_output=str(tmp_path / "m.pt"))
+
+
+@pytest.mark.parametrize("where", ["read-only folder", "under a file", "backbone under a file"])
+def test_unwritable_outputs_are_named_before_the_slow_part(checkpoint_and_data, tmp_path, monkeypatch, capsys, where):
+    from test_output_safety import refuse_writes_in
+
+    (tmp_path / "file.txt").write_text("a file")
+    (tmp_path / "locked").mkdir()
+    output, backbone = str(tmp_path / "m.pt"), None
+    if where == "read-only folder":
+        output = str(tmp_path / "locked" / "m.pt")
+        refuse_writes_in(monkeypatch, tmp_path / "locked")
+        expected = f"cannot write the TorchScript file {output}: Permission denied (in the folder {tmp_path / 'locked'})"
+    elif where == "under a file":
+        output = str(tmp_path / "file.txt" / "m.pt")
+        expected = f"cannot write the TorchScript file {output}: {tmp_path / 'file.txt'} is a file, not a folder"
+    else:
+        backbone = str(tmp_path / "file.txt" / "b.pt2")
+        expected = f"cannot write the backbone program {backbone}: {tmp_path / 'file.txt'} is a file, not a folder"
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr("overlap_sampler.engine.checkpoint.load_checkpoint", never)
+    monkeypatch.setattr(torch.jit, "script", never)
+    argv = ["export", "--checkpoint", checkpoint_and_data[0], "--output", output, "--image-size", "64"]
+    assert cli_main(argv + (["--backbone-output", backbone] if backbone else [])) == 2
+    assert capsys.readouterr().err == f"overlap-sampler export: error: {expected}\n"
+    assert not os.path.exists(tmp_path / "m.pt")
 
 
 def test_categories_of_older_checkpoints_and_files_without_them(tmp_path):

@@ -21,6 +21,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from ..io_safety import atomic_path, check_not_inputs, prepare_output_file, same_file
+
 # The extra file of an exported detector that maps its labels to dataset categories.
 CATEGORIES_FILE = "categories.json"
 
@@ -132,36 +134,42 @@ def export_torchscript(model: torch.nn.Module, path: str,
     The scripted detector returns ``(losses, detections)`` like every scripted torchvision
     GeneralizedRCNN; in C++: ``module.forward({images}).toTuple()->elements()[1]``.
 
+    The file is written atomically and only once verified (:mod:`overlap_sampler.io_safety`): a
+    temporary file beside ``path``, created before the scripting so that an unwritable ``path``
+    fails at once, is saved, reloaded, checked, then renamed to ``path``.
+
     Returns:
         ``path``.
 
     Raises:
         RuntimeError: the model cannot be scripted (the TorchScript error is included), or the
-            reloaded module's outputs differ from eager (each difference is named).
+            reloaded module's outputs differ from eager (each difference is named); ``path`` is
+            then not written.
+        OutputError: ``path`` cannot be written (named, with the reason).
     """
     images = _check_images(example_images)
+    prepare_output_file(path, "TorchScript file")
     model.eval()
-    try:
-        scripted = torch.jit.script(model)
-    except Exception as error:  # TorchScript raises several types; all mean "cannot script".
-        raise RuntimeError(
-            f"export_torchscript: torch.jit.script failed for {type(model).__name__}; the model "
-            f"must be TorchScript-compatible (see the error below).\n{error}") from error
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    torch.jit.save(scripted, path, _extra_files=dict(extra_files or {}))
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    loaded = torch.jit.load(path, map_location=device)
-    loaded.eval()
-    with torch.no_grad(), no_jit_fusion():
-        expected = detect(model, images)
-        # Two runs: the profiling executor optimises the graph after the first.
-        for run in range(2):
-            problems = compare_detections(expected, detect(loaded, images),
-                                          what=f"reloaded TorchScript (run {run + 1})")
-            if problems:
-                raise RuntimeError(f"export_torchscript: {path} does not reproduce the eager "
-                                   "model:\n  " + "\n  ".join(problems))
+    with atomic_path(path, what="TorchScript file") as tmp:
+        try:
+            scripted = torch.jit.script(model)
+        except Exception as error:  # TorchScript raises several types; all mean "cannot script".
+            raise RuntimeError(
+                f"export_torchscript: torch.jit.script failed for {type(model).__name__}; the model "
+                f"must be TorchScript-compatible (see the error below).\n{error}") from error
+        torch.jit.save(scripted, tmp, _extra_files=dict(extra_files or {}))
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        loaded = torch.jit.load(tmp, map_location=device)
+        loaded.eval()
+        with torch.no_grad(), no_jit_fusion():
+            expected = detect(model, images)
+            # Two runs: the profiling executor optimises the graph after the first.
+            for run in range(2):
+                problems = compare_detections(expected, detect(loaded, images),
+                                              what=f"reloaded TorchScript (run {run + 1})")
+                if problems:
+                    raise RuntimeError(f"export_torchscript: the scripted model does not reproduce the eager "
+                                       f"model, so {path} is not written:\n  " + "\n  ".join(problems))
     return path
 
 
@@ -206,7 +214,8 @@ def export_backbone(model: torch.nn.Module, path: str, example_batch: torch.Tens
     detector exports through TorchScript (:func:`export_torchscript`).
 
     The saved program is loaded back with ``torch.export.load`` and must return outputs equal to
-    the eager backbone's on ``example_batch``.
+    the eager backbone's on ``example_batch``; as in :func:`export_torchscript`, ``path`` is written
+    atomically and only once verified.
     """
     if not isinstance(example_batch, torch.Tensor) or example_batch.dim() != 4:
         raise ValueError("example_batch must be a float [B, 3, H, W] tensor, got "
@@ -220,17 +229,20 @@ def export_backbone(model: torch.nn.Module, path: str, example_batch: torch.Tens
         dynamic_shapes = {"images": {2: 32 * h, 3: 32 * w}}
         if example_batch.shape[0] >= 2:  # torch.export specialises sizes 0 and 1
             dynamic_shapes["images"][0] = torch.export.Dim("batch", min=1, max=1024)
-    with torch.no_grad():
+    prepare_output_file(path, "backbone program")
+    with torch.no_grad(), atomic_path(path, what="backbone program") as tmp:
         program = torch.export.export(module, (example_batch,), dynamic_shapes=dynamic_shapes)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.export.save(program, path)
-        loaded = torch.export.load(path).module()
+        # File objects: torch.export warns about a path not ending in .pt2, as a temporary's does.
+        with open(tmp, "wb") as f:
+            torch.export.save(program, f)
+        with open(tmp, "rb") as f:
+            loaded = torch.export.load(f).module()
         expected, actual = module(example_batch), loaded(example_batch)
-    problems = [f"level {k!r}: {_describe(actual[k], expected[k])}" for k in expected
-                if not torch.equal(expected[k], actual[k])]
-    if problems:
-        raise RuntimeError(f"export_backbone: {path} does not reproduce the eager backbone:\n  "
-                           + "\n  ".join(problems))
+        problems = [f"level {k!r}: {_describe(actual[k], expected[k])}" for k in expected
+                    if not torch.equal(expected[k], actual[k])]
+        if problems:
+            raise RuntimeError(f"export_backbone: the exported program does not reproduce the eager backbone, "
+                               f"so {path} is not written:\n  " + "\n  ".join(problems))
     return path
 
 
@@ -269,6 +281,9 @@ def export_checkpoint(checkpoint: str, output: str, *,
         device: where the verification runs (``"auto"``, ``"cpu"``, ``"cuda[:N]"``; the saved module
             loads on any device).
 
+    Nothing is written over the checkpoint, and both outputs are checked writable before the
+    slow part (loading, scripting, verifying).
+
     Returns:
         ``output``.
     """
@@ -281,16 +296,20 @@ def export_checkpoint(checkpoint: str, output: str, *,
         if path is not None and os.path.isdir(path):
             raise ValueError(f"{name} {path!r} is a directory: give the file to write, e.g. "
                              f"{os.path.join(path, example)!r}")
+    outputs = [("TorchScript file", output), ("backbone program", backbone_output)]
+    check_not_inputs(outputs, [("checkpoint", checkpoint)])
+    if backbone_output is not None and same_file(output, backbone_output):
+        raise ValueError(f"output and backbone_output are one file, {output}: give each its own path")
     device = resolve_device(device)
     sizes = (example_image_size,) * 2 if isinstance(example_image_size, int) else tuple(example_image_size)
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 32 for s in sizes):
         raise ValueError(f"example_image_size must be at least 32 pixels, got {example_image_size!r}")
+    for what, path in outputs:
+        if path is not None:
+            prepare_output_file(path, what)
     state = load_checkpoint(checkpoint, map_location="cpu")
     model, _ = model_from_checkpoint_state(state, checkpoint)
     model.to(device).eval()
-    for path in (output, backbone_output):
-        if path is not None:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     images = example_images(example_image_size, device=device)
     export_torchscript(model, output, images,
                        extra_files={CATEGORIES_FILE: json.dumps(categories_of(state), indent=1)})
