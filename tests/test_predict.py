@@ -205,6 +205,42 @@ def test_inputs_are_never_overwritten(checkpoint, images, tmp_path):
     assert (folder / "a.png").read_bytes() == before["a.png"] and (folder / "drawn" / "a.png").is_file()
 
 
+def test_no_readable_image_is_an_error(checkpoint, tmp_path, capsys):
+    """Some unreadable files are warnings (see above); all of them is a failed command."""
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.png").write_text("not an image")
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), "F").save(folder / "b.tif")
+    out = tmp_path / "out"
+    assert cli_main(["predict", "--checkpoint", checkpoint, str(folder), "--output-dir", str(out), "--device", "cpu",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"overlap-sampler predict: error: none of the 2 files given could be read as an image (the first: "
+                   f"{folder / 'a.png'}: cannot read image (cannot identify image file '{folder / 'a.png'}')): no "
+                   "predictions written")
+    assert not (out / "predictions.json").exists()
+
+
+def test_outputs_are_checked_before_the_model_is_loaded(checkpoint, images, tmp_path, monkeypatch, capsys):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr("overlap_sampler.engine.predict.load_detector", never)
+    (tmp_path / "file.txt").write_text("a file")
+    assert cli_main(["predict", "--checkpoint", checkpoint, str(images / "a.png"), "--output-dir",
+                     str(tmp_path / "file.txt" / "out"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"overlap-sampler predict: error: cannot write the output folder "
+                                       f"{tmp_path / 'file.txt' / 'out'}: {tmp_path / 'file.txt'} is a file, not a "
+                                       "folder\n")
+    # A checkpoint named like the JSON it would write (its folder as the output folder) is kept too.
+    named = tmp_path / "run" / "predictions.json"
+    named.parent.mkdir()
+    named.write_bytes(open(checkpoint, "rb").read())
+    with pytest.raises(ValueError, match=f"writing the predictions file {named} would overwrite the checkpoint "
+                                         f"{named}, which this command reads: choose another output folder"):
+        predict_checkpoint(str(named), [str(images / "a.png")], output_dir=str(named.parent), device="cpu")
+
+
 def test_bad_inputs_are_clear_errors(checkpoint, images, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"score_thresh must be in \[0, 1\], got 1.5"):
         predict_checkpoint(checkpoint, [str(images)], score_thresh=1.5)

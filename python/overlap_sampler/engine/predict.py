@@ -14,7 +14,6 @@ the others go on. Drawn images go to ``drawn/`` in the output folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import warnings
@@ -28,6 +27,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
 from ..data.images import image_size, read_image
+from ..io_safety import atomic_write, check_not_inputs, prepare_output_dir, write_json
 from .checkpoint import load_detector
 from .distributed import resolve_device
 from .evaluate import MASK_THRESHOLD, batches_by_key, detections_to_coco
@@ -180,23 +180,24 @@ def predict_checkpoint(checkpoint: str, inputs: Sequence[str], *, output_dir: Op
     TorchScript file written by ``export``.
 
     Writes ``output_dir/predictions.json`` (see the module docstring) and, with ``draw``, each image
-    as ``output_dir/drawn/<name>.png`` with its detections; never over an input file. ``output_dir``
-    defaults to ``predictions/`` beside the checkpoint. Returns the path of the JSON file.
+    as ``output_dir/drawn/<name>.png`` with its detections, each file atomically; never over an input
+    file. ``output_dir`` defaults to ``predictions/`` beside the checkpoint. Returns the path of the
+    JSON file. ``ValueError`` if no file could be read as an image (then nothing is written).
     """
     _check_settings(score_thresh, batch_size)  # before the model is built
     paths = find_images(inputs)
     output_dir = output_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "predictions")
     drawn = [os.path.join(output_dir, DRAWN_FOLDER, name) for name in drawn_names(paths)] if draw else []
-    inputs_real = {os.path.realpath(path): path for path in paths}
-    for target in drawn + [os.path.join(output_dir, PREDICTIONS_FILE)]:
-        overwritten = inputs_real.get(os.path.realpath(target))
-        if overwritten is not None:
-            raise ValueError(f"writing {target} would overwrite the input image {overwritten}: choose another "
-                             "output folder")
+    json_path = os.path.join(output_dir, PREDICTIONS_FILE)
+    check_not_inputs([("drawn image", path) for path in drawn] + [("predictions file", json_path)],
+                     [("input image", path) for path in paths] + [("checkpoint", checkpoint)],
+                     advice="choose another output folder")
     device = resolve_device(device)
+    prepare_output_dir(output_dir)  # before the model is loaded: an unwritable folder fails at once
+    if draw:
+        prepare_output_dir(os.path.join(output_dir, DRAWN_FOLDER), "folder of the drawn images")
     model, categories = load_detector(checkpoint, device)
     category_ids = [c["category_id"] for c in categories]
-    os.makedirs(os.path.join(output_dir, DRAWN_FOLDER) if draw else output_dir, exist_ok=True)
 
     records: list[dict[str, Any]] = [{} for _ in paths]
     for result in predict(model, paths, device=device, batch_size=batch_size, score_thresh=score_thresh,
@@ -215,14 +216,16 @@ def predict_checkpoint(checkpoint: str, inputs: Sequence[str], *, output_dir: Op
         if draw:
             records[k]["drawn"] = os.path.relpath(drawn[k], output_dir)
             array = draw_detections(image, detections, categories).permute(1, 2, 0).numpy()
-            Image.fromarray(np.ascontiguousarray(array)).save(drawn[k])
+            with atomic_write(drawn[k], "wb", fsync=False, what="drawn image") as f:
+                Image.fromarray(np.ascontiguousarray(array)).save(f, format="PNG")
 
-    path = os.path.join(output_dir, PREDICTIONS_FILE)
-    with open(path, "w") as f:
-        json.dump({"checkpoint": os.path.abspath(checkpoint), "score_thresh": score_thresh,
-                   "categories": categories, "images": records}, f)
-    count = sum(len(r.get("detections", ())) for r in records)
     failed = sum("error" in r for r in records)
+    if failed == len(paths):
+        raise ValueError(f"none of the {len(paths)} files given could be read as an image (the first: "
+                         f"{records[0]['error']}): no predictions written")
+    path = write_json(json_path, {"checkpoint": os.path.abspath(checkpoint), "score_thresh": score_thresh,
+                                  "categories": categories, "images": records})
+    count = sum(len(r.get("detections", ())) for r in records)
     print(f"{count} detections (score >= {score_thresh:g}) in {len(paths) - failed} images"
           + (f" ({failed} unreadable files skipped)" if failed else "") + f": wrote {path}"
           + (f" and the drawn images in {os.path.join(output_dir, DRAWN_FOLDER)}" if draw else ""))
