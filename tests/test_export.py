@@ -285,6 +285,31 @@ def test_evaluate_checkpoint(checkpoint_and_data, tmp_path, capsys):
         assert default[iou_type] == pytest.approx(metrics[iou_type], abs=1e-3)
 
 
+def test_evaluate_checkpoint_never_writes_over_its_inputs_and_checks_its_folder_first(checkpoint_and_data, tmp_path,
+                                                                                      monkeypatch, capsys):
+    from overlap_sampler.engine.evaluate import evaluate_checkpoint
+
+    checkpoint, image_dir, annotations = checkpoint_and_data
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated before the output was checked")
+
+    monkeypatch.setattr("overlap_sampler.engine.evaluate.evaluate", never)
+    named = tmp_path / f"eval_{Path(checkpoint).stem}.json"  # the name of the metrics file it would write
+    named.write_bytes(Path(annotations).read_bytes())
+    with pytest.raises(ValueError, match=f"writing the metrics file {named} would overwrite the annotation file "
+                                         f"{named}, which this command reads: give another output folder"):
+        evaluate_checkpoint(checkpoint, dataset=None, val_images=image_dir, val_annotations=str(named),
+                            output_dir=str(tmp_path), device="cpu", progress=False)
+    assert named.read_bytes() == Path(annotations).read_bytes()
+    (tmp_path / "file.txt").write_text("a file")
+    out = tmp_path / "file.txt" / "eval"
+    assert cli_main(["eval", "--checkpoint", checkpoint, "--output-dir", str(out), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"overlap-sampler eval: error: cannot write the metrics file "
+                                       f"{out / named.name}: {tmp_path / 'file.txt'} is a file, "
+                                       "not a folder\n")
+
+
 def test_evaluate_an_exported_model(checkpoint_and_data, tmp_path):
     from overlap_sampler.engine.evaluate import evaluate_checkpoint
 

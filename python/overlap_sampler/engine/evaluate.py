@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import sys
 import warnings
@@ -27,6 +26,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from ..io_safety import check_not_inputs, prepare_output_file, write_json
 from .distributed import resolve_device
 from .export import detect
 
@@ -261,13 +261,9 @@ def format_table(metrics: dict) -> str:
 
 
 def write_metrics(metrics: dict, path: str) -> str:
-    """Write ``metrics`` as indented JSON to ``path`` (parent folders created); return the path."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(metrics, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    return path
+    """Write ``metrics`` as indented JSON to ``path``, atomically (parent folders created); return the path."""
+    prepare_output_file(path, "metrics file")
+    return write_json(path, metrics, what="metrics file", indent=2, sort_keys=True)
 
 
 def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint",
@@ -312,7 +308,12 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint
                          "dataset=None), not both")
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    output_dir = output_dir or os.path.dirname(os.path.abspath(checkpoint))
+    name = os.path.splitext(os.path.basename(checkpoint))[0]
+    output = os.path.join(output_dir, f"eval_{name}.json")
+    check_not_inputs([("metrics file", output)], [("checkpoint", checkpoint)], advice="give another output folder")
     target = resolve_device(device)  # before the slow part: a bad device fails at once
+    prepare_output_file(output, "metrics file")  # so does a folder that cannot be written
     if is_torchscript_archive(checkpoint):
         if dataset == "checkpoint":
             raise ValueError(f"{checkpoint} is an exported TorchScript model: it holds no run, so no validation "
@@ -333,6 +334,8 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint
         image_dir, annotation_file = synthetic_dataset("val", root=config.data_root if config else None)
     else:
         image_dir, annotation_file = val_images, val_annotations
+    check_not_inputs([("metrics file", output)], [("annotation file", annotation_file)],
+                     advice="give another output folder")
 
     with_masks = getattr(config, "arch", None) == "maskrcnn" or _has_mask_head(model)
     data = CocoDetection(image_dir, annotation_file, masks=with_masks)
@@ -343,9 +346,7 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint
                          f"categories {list(trained_categories)} the checkpoint was trained on")
     metrics = evaluate(model, data, device=target, batch_size=batch_size,
                        progress=progress)
-    output_dir = output_dir or os.path.dirname(os.path.abspath(checkpoint))
-    name = os.path.splitext(os.path.basename(checkpoint))[0]
-    path = write_metrics(metrics, os.path.join(output_dir, f"eval_{name}.json"))
+    path = write_metrics(metrics, output)
     print(format_table(metrics))
     print(f"wrote {path}")
     return metrics
