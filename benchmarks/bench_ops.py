@@ -12,7 +12,6 @@ jittered around GT boxes. Then scaling in N (proposals per image) and B.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 import overlap_sampler
 from overlap_sampler import reference
+from overlap_sampler.io_safety import OutputError, prepare_output_dir, write_json, write_text
 from overlap_sampler.testing import make_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -205,6 +205,10 @@ def main():
     parser.add_argument("--main-only", action="store_true", help="only the main case (B=16, N=2000)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    try:  # before the minutes of measuring
+        prepare_output_dir(str(args.out), "results folder")
+    except OutputError as e:
+        parser.error(str(e))
     device = torch.device(args.device)
     repeats = 3 if args.quick else args.repeats
 
@@ -244,10 +248,9 @@ def main():
         report.append("")
     text = "\n".join(report)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / results["device"]
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    stem.with_suffix(".md").write_text(text)
+    write_json(str(stem.with_suffix(".json")), results, indent=2)
+    write_text(str(stem.with_suffix(".md")), text)
     print(f"written: {stem}.md and .json")
 
 

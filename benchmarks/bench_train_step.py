@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from bench_ops import device_name
 from overlap_sampler import SamplerConfig
 from overlap_sampler.detection import build_detector
+from overlap_sampler.io_safety import OutputError, prepare_output_dir, write_json, write_text
 from overlap_sampler.testing import jitter_around
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -146,6 +146,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.amp and args.device == "cpu":
         parser.error("--amp needs --device cuda")
+    try:  # before the minutes of measuring
+        prepare_output_dir(str(args.out), "results folder")
+    except OutputError as e:
+        parser.error(str(e))
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -203,11 +207,10 @@ def main() -> None:
     ratio = rows["overlap"]["step_s"] / rows["random"]["step_s"]
     lines += ["", f"Step time overlap / random: {ratio:.3f}."]
     report = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"train-step-{device_name(device)}-{model_name}"
-    (args.out / f"{stem}.md").write_text(report)
-    (args.out / f"{stem}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "torch": torch.__version__, "rows": rows}, indent=1))
+    write_text(str(args.out / f"{stem}.md"), report)
+    write_json(str(args.out / f"{stem}.json"), {"args": {k: str(v) for k, v in vars(args).items()},
+                                                "torch": torch.__version__, "rows": rows}, indent=1)
     print(report)
 
 

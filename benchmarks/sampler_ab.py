@@ -27,6 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from overlap_sampler.io_safety import OutputError, prepare_output_dir, write_json, write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = {"random": "--sampler random", "iou_balanced": "--sampler iou_balanced", "overlap": "--sampler overlap"}
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
@@ -59,7 +61,7 @@ def train_once(name: str, flags: str, seed: int, common: list[str], run_dir: Pat
                                f"{settings}): remove it or choose another --runs-dir")
     if not eval_file.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(settings))
+        write_json(str(record), settings)
         cmd = [sys.executable, "-m", "overlap_sampler.cli", "train", *settings["train_flags"],
                "--seed", str(seed), "--threads", "1", "--no-progress", "--resume", "auto",
                "--output-dir", str(run_dir)]
@@ -124,6 +126,10 @@ def main() -> None:
     if len(set(args.seeds)) != len(args.seeds) or args.jobs < 1:
         parser.error("seeds must differ and --jobs must be at least 1")
     common = shlex.split(args.train_args)
+    try:  # before the hours of training
+        prepare_output_dir(str(args.out), "results folder")
+    except OutputError as e:
+        parser.error(str(e))
 
     # The dataset is generated once, before runs start side by side (generation is locked anyway).
     if not any(a.startswith(("--dataset", "--data-root", "--config")) for a in common):
@@ -142,11 +148,10 @@ def main() -> None:
         pool.shutdown(cancel_futures=True)
     runs = [f.result() for f in futures]
 
-    args.out.mkdir(parents=True, exist_ok=True)
     table = report(runs, variants, args.seeds, common)
-    (args.out / f"ab-{args.name}.md").write_text(table)
-    (args.out / f"ab-{args.name}.json").write_text(json.dumps(
-        {"train_args": common, "variants": dict(variants), "seeds": args.seeds, "runs": runs}, indent=1))
+    write_text(str(args.out / f"ab-{args.name}.md"), table)
+    write_json(str(args.out / f"ab-{args.name}.json"),
+               {"train_args": common, "variants": dict(variants), "seeds": args.seeds, "runs": runs}, indent=1)
     print(table)
 
 

@@ -52,6 +52,17 @@ def test_crowded_proposals_cluster_on_the_objects(bench):
         assert new[:, 0::2].min() >= 0 and new[:, 0::2].max() <= 96 and new[:, 1::2].max() <= 96
 
 
+def test_an_unwritable_results_folder_fails_before_measuring(bench, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file.txt").write_text("a file")
+    monkeypatch.setattr(bench, "build_detector", None)  # measuring would fail on it
+    monkeypatch.setattr(sys, "argv", ["bench_train_step.py", "--out", str(tmp_path / "file.txt" / "results")])
+    with pytest.raises(SystemExit) as info:
+        bench.main()
+    assert info.value.code == 2
+    assert (f"error: cannot write the results folder {tmp_path / 'file.txt' / 'results'}: {tmp_path / 'file.txt'} "
+            "is a file, not a folder") in capsys.readouterr().err
+
+
 def test_tiny_comparison_writes_both_samplers(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench_train_step.py", "--size", "64", "64", "--batch", "2", "--gt", "4",
                                       "--rois", "32", "--warmup", "0", "--steps", "2", "--out", str(tmp_path)])

@@ -92,7 +92,21 @@ def test_a_failed_run_names_its_log(ab, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"bad seed 0 failed .*stdout\.log"):
         ab.main()
     assert "lr" in (tmp_path / "runs" / "bad-seed0" / "stdout.log").read_text()
-    assert not (tmp_path / "out").exists()
+    assert list((tmp_path / "out").iterdir()) == []  # checked writable up front; no results
+
+
+def test_an_unwritable_results_folder_fails_before_any_training(ab, tmp_path, monkeypatch, capsys):
+    def never(*args, **kwargs):
+        raise AssertionError("a run started before the results folder was checked")
+
+    monkeypatch.setattr(ab, "train_once", never)
+    (tmp_path / "file.txt").write_text("a file")
+    with pytest.raises(SystemExit) as info:
+        run_main(ab, monkeypatch, "--variant", "random", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"),
+                 "--out", str(tmp_path / "file.txt" / "out"))
+    assert info.value.code == 2
+    assert (f"error: cannot write the results folder {tmp_path / 'file.txt' / 'out'}: {tmp_path / 'file.txt'} is a "
+            "file, not a folder") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, message", [("nosuchpreset", "not a preset"), ("a-b=--lr 1", "identifier")])
