@@ -220,7 +220,8 @@ def test_unwritable_outputs_are_named_before_the_slow_part(checkpoint_and_data, 
     if where == "read-only folder":
         output = str(tmp_path / "locked" / "m.pt")
         refuse_writes_in(monkeypatch, tmp_path / "locked")
-        expected = f"cannot write the TorchScript file {output}: Permission denied (in the folder {tmp_path / 'locked'})"
+        expected = (f"cannot write the TorchScript file {output}: Permission denied (in the folder "
+                    f"{tmp_path / 'locked'})")
     elif where == "under a file":
         output = str(tmp_path / "file.txt" / "m.pt")
         expected = f"cannot write the TorchScript file {output}: {tmp_path / 'file.txt'} is a file, not a folder"

@@ -382,18 +382,20 @@ def test_a_run_never_writes_over_its_inputs(tiny_data, tmp_path, capsys):
     weights.write_bytes(b"initial weights")
     before = {p: p.read_bytes() for p in (annotations, weights)}
     for settings, clash in [({"train_annotations": str(annotations)},
-                             f"the output metrics.json {annotations} would overwrite the training annotations {annotations}"),
+                             f"the output metrics.json {annotations} would overwrite the training annotations "
+                             f"{annotations}"),
                             ({"weights": str(weights)},
                              f"the checkpoint {weights} would overwrite the initial weights {weights}")]:
-        with pytest.raises(ValueError, match=re.escape(clash) + ", which this command reads: give another --output-dir"):
+        clash += ", which this command reads: give another --output-dir"
+        with pytest.raises(ValueError, match=re.escape(clash)):
             train(tiny_config(tiny_data, out, **settings))
     assert {p: p.read_bytes() for p in before} == before and sorted(os.listdir(out)) == [
         "checkpoint_0000002.pth", "metrics.json"]  # nothing written, not even config.json
     # An output folder that is a file: one line, no FileExistsError traceback.
     (tmp_path / "file").write_text("a file")
     assert cli_main(["train", *cli_args(tiny_settings(tiny_data, tmp_path / "file"))]) == 2
-    assert capsys.readouterr().err == (f"overlap-sampler train: error: cannot write the output folder {tmp_path / 'file'}: "
-                                       f"{tmp_path / 'file'} is a file, not a folder\n")
+    assert capsys.readouterr().err == (f"overlap-sampler train: error: cannot write the output folder "
+                                       f"{tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder\n")
 
 
 def test_temporaries_of_killed_writes_are_removed_when_a_run_starts_there(tiny_data, tmp_path):

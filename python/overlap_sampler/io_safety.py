@@ -306,7 +306,8 @@ def _writer_pid(name: str, legacy_names: Iterable[str]) -> tuple[bool, Optional[
     return name in legacy_names, None
 
 
-def remove_stale_temporaries(folder: str, *, legacy_names: Iterable[str] = (), now: Optional[float] = None) -> list[str]:
+def remove_stale_temporaries(folder: str, *, legacy_names: Iterable[str] = (),
+                             now: Optional[float] = None) -> list[str]:
     """Remove the stale temporary files of ours directly in ``folder``; returns their paths.
 
     Only regular files (never links or folders) named as :func:`temporary_name` names them, as
