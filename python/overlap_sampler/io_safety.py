@@ -64,7 +64,8 @@ class OutputError(OSError):
 def temporary_name(path: str) -> str:
     """A fresh temporary path beside ``path`` (same folder, so ``os.replace`` is a rename)."""
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name[:_NAME_ROOM]}~{os.getpid()}-{uuid.uuid4().hex}{TEMPORARY_SUFFIX}")
+    name = os.fsencode(name)[:_NAME_ROOM].decode(errors="ignore")  # a cut character is dropped
+    return os.path.join(folder, f".{name}~{os.getpid()}-{uuid.uuid4().hex}{TEMPORARY_SUFFIX}")
 
 
 def _reason(error: OSError) -> str:
