@@ -60,9 +60,17 @@ constexpr bool kSparseIou = false;
 // The IoU on unpacked coordinates with the areas given (box_area): the form
 // the CPU's vectorised loops call over one array per coordinate. Which box is
 // `a` matters only for NaN coordinates (a comparison with NaN picks b's side).
-template <typename T, bool kSparse = kSparseIou>
-OS_HOST_DEVICE inline T box_iou_unpacked(T ax1, T ay1, T ax2, T ay2, T a_area, T bx1, T by1, T bx2,
-                                         T by2, T b_area) {
+// Its two terms, intersection and union, for a loop that tests a pair before
+// it divides (CUDA's overlap keys divide only a pair that may raise a max).
+template <typename T>
+struct InterUnion {
+  T inter;
+  T uni;
+};
+
+template <typename T>
+OS_HOST_DEVICE inline InterUnion<T> box_inter_union(T ax1, T ay1, T ax2, T ay2, T a_area, T bx1,
+                                                    T by1, T bx2, T by2, T b_area) {
   const T left = ax1 > bx1 ? ax1 : bx1;
   const T top = ay1 > by1 ? ay1 : by1;
   const T right = ax2 < bx2 ? ax2 : bx2;
@@ -70,7 +78,16 @@ OS_HOST_DEVICE inline T box_iou_unpacked(T ax1, T ay1, T ax2, T ay2, T a_area, T
   const T w = right - left;
   const T h = bottom - top;
   const T inter = (w > T(0) ? w : T(0)) * (h > T(0) ? h : T(0));
-  const T uni = a_area + b_area - inter;
+  return {inter, a_area + b_area - inter};
+}
+
+template <typename T, bool kSparse = kSparseIou>
+OS_HOST_DEVICE inline T box_iou_unpacked(T ax1, T ay1, T ax2, T ay2, T a_area, T bx1, T by1, T bx2,
+                                         T by2, T b_area) {
+  const InterUnion<T> terms =
+      box_inter_union(ax1, ay1, ax2, ay2, a_area, bx1, by1, bx2, by2, b_area);
+  const T inter = terms.inter;
+  const T uni = terms.uni;
   if (kSparse) {
     // `&`, not `&&`: no short-circuit branch.
     return (inter > T(0)) & (uni > T(0)) ? inter / uni : T(0);

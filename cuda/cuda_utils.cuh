@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "sampling_math.h"
 
@@ -365,6 +366,28 @@ __device__ __forceinline__ T box_iou(const T* a, T a_area, const T* b, T b_area)
   return box_iou_unpacked(U(a[0]), U(a[1]), U(a[2]), U(a[3]), U(a_area), U(b[0]), U(b[1]),
                           U(b[2]), U(b[3]), U(b_area))
       .v;
+}
+
+// Running max of box_iou(query, key) over keys, dividing only the pairs that
+// may raise it: a pair whose intersection is below best * union (less a
+// margin far above the two roundings of that product) has an IoU <= best,
+// since rounding is monotone, so skipping its division changes no bit. Most
+// overlapping pairs of an image are skipped once best is up. Divided pairs go
+// through box_iou's own formula (same terms, same rounding, same NaN rule).
+template <typename T>
+__device__ __forceinline__ void max_iou_into(const T (&a)[4], T a_area, const T (&b)[4], T b_area,
+                                             T& best) {
+  using U = Unfused<T>;
+  const InterUnion<U> terms = box_inter_union(U(a[0]), U(a[1]), U(a[2]), U(a[3]), U(a_area),
+                                              U(b[0]), U(b[1]), U(b[2]), U(b[3]), U(b_area));
+  const T inter = terms.inter.v;
+  const T uni = terms.uni.v;
+  if (!((inter > T(0)) & (uni > T(0)))) return;  // IoU 0 (NaN terms too): never above best
+  const T bound = best * uni * T(0.99999);
+  if (inter >= bound || bound < std::numeric_limits<T>::min()) {  // tiny products: no margin proof
+    const T iou = (terms.inter / terms.uni).v;
+    best = iou > best ? iou : best;
+  }
 }
 
 template <typename T>

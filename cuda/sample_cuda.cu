@@ -194,9 +194,20 @@ __global__ void __launch_bounds__(kThreads)
     iou_gt[x] = best;
     if (overlap_key != nullptr) {
       overlap_key[x] = 0.0;  // "0 if none"; overlap_key_kernel maxes into it
-      if (l != kIgnored || lists.with_ignored) {
-        const bool positive = l == kPositive;
-        const unsigned int rank = atomicAdd(lists.count + 2 * b + (positive ? 0 : 1), 1u);
+      const bool listed = l != kIgnored || lists.with_ignored;
+      const bool positive = l == kPositive;
+      // One atomic per warp and list: the lanes appending to one list (same
+      // image and class) take consecutive ranks from a single atomicAdd; one
+      // atomic per lane serialised 2000 lanes of an image on each counter.
+      const unsigned long long list = listed ? 2ull * b + (positive ? 0 : 1) : ~0ull;
+      const unsigned int peers = __match_any_sync(__activemask(), list);
+      const int leader = __ffs(peers) - 1;
+      const int lane = static_cast<int>(threadIdx.x & 31);
+      unsigned int base = 0;
+      if (listed && lane == leader) base = atomicAdd(lists.count + list, __popc(peers));
+      base = __shfl_sync(peers, base, leader);
+      if (listed) {
+        const unsigned int rank = base + __popc(peers & ((1u << lane) - 1u));
         const int64_t slot = positive ? layout.start(b) + rank : layout.start(b + 1) - 1 - rank;
 #pragma unroll
         for (int k = 0; k < 4; ++k) lists.box[4 * slot + k] = box[k];
@@ -252,7 +263,8 @@ __global__ void __launch_bounds__(kThreads)
       over = kOverPositives;
     }
     if (over == kOverNothing) continue;  // a slot of the gap, or no key wanted
-    // The keys as one index range [0, total): positives then negatives.
+    // The keys as one index range [0, total), positives then negatives; this
+    // block row takes chunk [lo, hi) of it, walked as (at most) two slot ranges.
     const int64_t first = over == kOverNegatives ? num_pos : 0;
     const int64_t total = over == kOverPositives ? num_pos : num_pos + num_neg;
     const int64_t chunk = (total - first + gridDim.y - 1) / gridDim.y;
@@ -262,13 +274,16 @@ __global__ void __launch_bounds__(kThreads)
     load_box(lists.box + 4 * slot, box);
     const acc_t area = lists.area[slot];
     acc_t best = acc_t(0);  // "0 if none", as the CPU's sweep
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t k = i < num_pos ? x0 + i : neg0 + (i - num_pos);
-      if (k == slot) continue;  // itself (kOverAllOthers only)
-      acc_t key_box[4];
-      load_box(lists.box + 4 * k, key_box);
-      const acc_t iou = gpu::box_iou(box, area, key_box, __ldg(lists.area + k));
-      best = iou > best ? iou : best;
+    const int64_t ranges[2][2] = {{x0 + lo, x0 + min(hi, num_pos)},
+                                  {neg0 + max(lo - num_pos, int64_t{0}), neg0 + (hi - num_pos)}};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      for (int64_t k = ranges[r][0]; k < ranges[r][1]; ++k) {
+        if (k == slot) continue;  // itself (kOverAllOthers only)
+        acc_t key_box[4];
+        load_box(lists.box + 4 * k, key_box);
+        gpu::max_iou_into(box, area, key_box, __ldg(lists.area + k), best);
+      }
     }
     // Computed in acc_t, then converted to double (docs/ops.md, step 3). A zero
     // (or NaN, never taken by the max) leaves match_kernel's +0.0.
