@@ -43,6 +43,25 @@ OS_ALWAYS_INLINE inline void max_iou_into(BoxColumns<T> boxes, int64_t first, in
   }
 }
 
+// max_iou_into that also returns the max of the IoUs it computes (0 if none):
+// with the negatives swept and a positive as the key, one pass over the pairs
+// yields both the negatives' running maxima and the positive's own key.
+template <typename T>
+OS_ALWAYS_INLINE inline T max_iou_into_and_max(BoxColumns<T> boxes, int64_t first, int64_t last,
+                                               const T* key, T* best) {
+  const T kx1 = key[0], ky1 = key[1], kx2 = key[2], ky2 = key[3];
+  const T k_area = box_area(key);
+  T key_best = T(0);
+#pragma omp simd reduction(max : key_best)
+  for (int64_t r = first; r < last; ++r) {
+    const T iou = box_iou_unpacked(boxes.x1[r], boxes.y1[r], boxes.x2[r], boxes.y2[r],
+                                   boxes.area[r], kx1, ky1, kx2, ky2, k_area);
+    best[r] = iou > best[r] ? iou : best[r];
+    key_best = iou > key_best ? iou : key_best;
+  }
+  return key_best;
+}
+
 // max over r in [first, last) of IoU(query, box r), 0 if none: branch-free,
 // vectorised, always inlined like max_iou_into. Same arithmetic as
 // box_iou_pair(query, box r).
@@ -114,6 +133,13 @@ class OverlapSweep {
   OS_VECTOR_CLONES void max_into(const T* key, T* best) const {
     const auto [first, last] = candidates(key[0], key[2]);
     max_iou_into(columns(), first, last, key, best);
+  }
+
+  // max_into, returning also the key's own max IoU with the swept boxes it can
+  // meet (those it cannot meet have IoU 0): the max over all of them.
+  OS_VECTOR_CLONES T max_into_and_max(const T* key, T* best) const {
+    const auto [first, last] = candidates(key[0], key[2]);
+    return max_iou_into_and_max(columns(), first, last, key, best);
   }
 
   // Max IoU of `query` with every key, value only: the sampler's keys need no

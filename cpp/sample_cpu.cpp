@@ -51,16 +51,21 @@ class ImageSampler {
                                          static_cast<int64_t>(neg_.size()));
     std::fill(selected_.begin(), selected_.end(), char(0));
     // A class that fits its quota is taken whole: no keys needed.
+    const bool negatives_drawn = qn > 0 && qn < static_cast<int64_t>(neg_.size());
+    const bool positives_drawn = qp > 0 && qp < static_cast<int64_t>(pos_.size());
+    // IoU_p,n keys on both sides are maxima over the same pairs: one pass.
+    const bool fused = negatives_drawn && positives_drawn && overlap_keys_on_both_sides();
+    if (fused) compute_both_keys();
     if (qn == static_cast<int64_t>(neg_.size())) {
       for (const int64_t e : neg_) selected_[e] = 1;
     } else if (qn > 0) {
-      compute_negative_keys();
+      if (!fused) compute_negative_keys();
       select(neg_, o_.neg_strategy, qn);
     }
     if (qp == static_cast<int64_t>(pos_.size())) {
       for (const int64_t e : pos_) selected_[e] = 1;
     } else if (qp > 0) {
-      compute_positive_keys();
+      if (!fused) compute_positive_keys();
       select(pos_, o_.pos_strategy, qp);
     }
     write(out, g_begin, g_end, qp, qn);
@@ -175,16 +180,46 @@ class ImageSampler {
     }
   }
 
-  void overlaps_with(const std::vector<int64_t>& all_queries, const std::vector<int64_t>& keys,
-                     bool exclude_self) {
-    if (keys.empty()) {
-      for (const int64_t e : all_queries) key_[e] = 0.0;
+  // Negatives keyed by IoU_p,n and positives by their max IoU with the negatives.
+  bool overlap_keys_on_both_sides() const {
+    return o_.neg_strategy != kUniform && o_.neg_strategy != kIouBalanced &&
+           o_.pos_strategy != kUniform && !o_.pos_key_all;
+  }
+
+  // compute_negative_keys and compute_positive_keys in one pass over the
+  // positive-negative pairs: the NaN-free negatives are swept, and each
+  // NaN-free positive's pass over the negatives it can meet raises their
+  // maxima and yields its own key. Bit for bit the two-pass keys: IoU is
+  // symmetric for boxes without NaN (min/max and the area sum commute), and a
+  // NaN box, as the second box of a pair, raises no max (see OverlapSweep).
+  // Boxes with a NaN are keyed as in overlaps_with, against every other box.
+  void compute_both_keys() {
+    keep_nan_free(neg_, pos_, /*exclude_self=*/false);
+    finite_keys_.swap(finite_queries_);  // the NaN-free negatives
+    keep_nan_free(pos_, neg_, /*exclude_self=*/false);
+    finite_keys_.swap(finite_queries_);  // finite_keys_: positives, finite_queries_: negatives
+    const std::vector<int64_t>& negatives = finite_queries_;
+    if (negatives.empty()) {
+      for (const int64_t p : finite_keys_) key_[p] = 0.0;
       return;
     }
-    // A query with a NaN coordinate (only with validate=false) can still meet
-    // boxes anywhere: box_iou_pair's min/max then pick the other box's
-    // coordinate. Such queries are compared with every key, as on CUDA; the
-    // sweeps take the others.
+    gather_boxes(negatives);
+    sweep_.reset(key_boxes_.data(), negatives.data(), static_cast<int64_t>(negatives.size()));
+    best_.assign(negatives.size(), T(0));
+    for (const int64_t p : finite_keys_) {
+      key_[p] = static_cast<double>(sweep_.max_into_and_max(boxes_.data() + 4 * p, best_.data()));
+    }
+    for (size_t r = 0; r < negatives.size(); ++r) {
+      key_[sweep_.id(static_cast<int64_t>(r))] = static_cast<double>(best_[r]);
+    }
+  }
+
+  // finite_queries_ = the queries without a NaN coordinate. A query with one
+  // (only with validate=false) can still meet boxes anywhere: box_iou_pair's
+  // min/max then pick the other box's coordinate. Such queries get their key
+  // here, compared with every key, as on CUDA; the sweeps take the others.
+  void keep_nan_free(const std::vector<int64_t>& all_queries, const std::vector<int64_t>& keys,
+                     bool exclude_self) {
     finite_queries_.clear();
     for (const int64_t e : all_queries) {
       const T* q = boxes_.data() + 4 * e;
@@ -200,6 +235,15 @@ class ImageSampler {
       }
       key_[e] = static_cast<double>(best);
     }
+  }
+
+  void overlaps_with(const std::vector<int64_t>& all_queries, const std::vector<int64_t>& keys,
+                     bool exclude_self) {
+    if (keys.empty()) {
+      for (const int64_t e : all_queries) key_[e] = 0.0;
+      return;
+    }
+    keep_nan_free(all_queries, keys, exclude_self);
     const std::vector<int64_t>& queries = finite_queries_;
     if (queries.empty()) return;
     if (!exclude_self && queries.size() >= keys.size()) {
@@ -347,6 +391,7 @@ class ImageSampler {
   std::vector<T> key_boxes_;
   std::vector<T> best_;  // key-major overlaps, in the sweep's order
   std::vector<int64_t> finite_queries_;
+  std::vector<int64_t> finite_keys_;
   OverlapSweep<T> sweep_;
   std::vector<KeyedCandidate> candidates_;
   std::vector<std::vector<KeyedCandidate>> bins_;
