@@ -12,9 +12,11 @@ jittered around GT boxes. Then scaling in N (proposals per image) and B.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -197,6 +199,36 @@ def to_markdown(title, rows):
     return "\n".join(lines) + "\n"
 
 
+GUARDED = {"main": (16, 2000, 20, None),
+           "strategies (B=16, N=2000, G=20)": (16, 2000, 20, "soft / soft, ε=2 (training default)")}
+
+
+def speedup(row):
+    return row["torchvision random path"] / row["overlap_sampler.sample"]
+
+
+def guard(path, device, repeats, margin):
+    """0 if the guarded cases keep their committed speed-up over torchvision (less the margin), else 1."""
+    committed = json.loads(path.read_text())
+    if committed.get("device") != device_name(device):
+        print(f"{path} was measured on {committed.get('device')}, this is {device_name(device)}: "
+              f"compare like with like", file=sys.stderr)
+        return 2
+    failed = False
+    for title, (b, n, g, strategies) in GUARDED.items():
+        rows = [r for r in committed["sections"].get(title, []) if r.get("strategies") == strategies]
+        if not rows:
+            print(f"{title}: not in {path}, skipped")
+            continue
+        before = speedup(rows[0])
+        now = speedup(measure(b, n, g, device, repeats, with_reference=False, strategies=strategies))
+        fell = now < before * (1 - margin)
+        failed |= fell
+        print(f"{title}{' ' + strategies if strategies else ''}: {now:.2f}x torchvision now, {before:.2f}x "
+              f"committed ({now / before - 1:+.0%}){' SLOWER than the margin allows' if fell else ''}")
+    return 1 if failed else 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -204,7 +236,17 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer sizes, fewer repeats")
     parser.add_argument("--main-only", action="store_true", help="only the main case (B=16, N=2000)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--guard", type=Path, metavar="RESULTS_JSON",
+                        help="regression guard: measure the main case and the training default only, "
+                             "compare their speed-up over torchvision's random path (measured side by "
+                             "side, so machine load cancels) with a committed results file of this device, "
+                             "exit 1 if one fell by more than --margin; writes nothing")
+    parser.add_argument("--margin", type=float, default=0.25,
+                        help="noise margin of --guard (default 0.25: the same CPU build's ratios varied "
+                             "by ~15%% between runs on the 2-core VM)")
     args = parser.parse_args()
+    if args.guard is not None:
+        raise SystemExit(guard(args.guard, torch.device(args.device), args.repeats, args.margin))
     try:  # before the minutes of measuring
         prepare_output_dir(str(args.out), "results folder")
     except OutputError as e:

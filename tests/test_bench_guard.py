@@ -1,0 +1,49 @@
+"""bench_ops.py --guard: the regression check to run before committing kernel
+changes. It measures the main case and the training default side by side with
+torchvision's random path and fails when a speed-up fell below the committed
+one by more than the margin."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench_ops():
+    spec = importlib.util.spec_from_file_location("bench_ops_guard", BENCHMARKS / "bench_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def committed(bench_ops, tmp_path, speedup, device="cpu"):
+    """A results file of this device whose guarded rows claim `speedup` over torchvision."""
+    row = {"overlap_sampler.sample": 1.0, "torchvision random path": speedup}
+    sections = {"main": [dict(row)],
+                "strategies (B=16, N=2000, G=20)": [dict(row, strategies=s) for s in bench_ops.STRATEGIES]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"device": bench_ops.device_name(torch.device(device)), "sections": sections}))
+    return path
+
+
+def test_guard_fails_when_slower_than_committed_and_passes_otherwise(bench_ops, tmp_path, capsys):
+    # No build is 1000x torchvision's random path on this batch, and every build beats 0.001x.
+    assert bench_ops.guard(committed(bench_ops, tmp_path, 1000.0), torch.device("cpu"), 1, 0.25) == 1
+    assert "SLOWER" in capsys.readouterr().out
+    assert bench_ops.guard(committed(bench_ops, tmp_path, 0.001), torch.device("cpu"), 1, 0.25) == 0
+    assert "SLOWER" not in capsys.readouterr().out
+
+
+def test_guard_refuses_another_device(bench_ops, tmp_path):
+    path = committed(bench_ops, tmp_path, 1.0)
+    data = json.loads(path.read_text())
+    data["device"] = "NVIDIA-H200"
+    path.write_text(json.dumps(data))
+    assert bench_ops.guard(path, torch.device("cpu"), 1, 0.25) == 2
