@@ -16,7 +16,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 \
-  numpy scipy tqdm matplotlib pycocotools pillow tensorboard pytest \
+  numpy scipy tqdm matplotlib pycocotools pillow tensorboard pytest hypothesis \
   "scikit-build-core>=0.10" pybind11==3.1.0 "cmake>=3.26" ninja
 
 # --no-build-isolation: build against the torch just installed (an isolated
