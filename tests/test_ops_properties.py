@@ -757,7 +757,8 @@ def run_in_child(device: str, cases: dict) -> dict:
     """Run ``cases`` (name -> (code, expectation)) in child processes: a case that kills the interpreter is
     recorded as a crash and the child is restarted with the cases after it."""
     results, pending = {}, list(cases)
-    limit = 0 if device == "cuda" else 8 << 30  # CUDA reserves more address space than that
+    # CUDA and ASan (its shadow memory) reserve more address space than that.
+    limit = 0 if device == "cuda" or "libasan" in os.environ.get("LD_PRELOAD", "") else 8 << 30
     while pending:
         child = subprocess.run(
             [sys.executable, "-X", "faulthandler", "-c", _CHILD, device, str(limit)],
