@@ -24,6 +24,7 @@ from torchvision.models.detection.roi_heads import (
 )
 
 from ..sampling.config import BUDGET_FIELDS, METHOD_FIELDS, SamplerConfig
+from .diagnostics import SampledBatch, from_torchvision_samples
 from .losses import weighted_fastrcnn_loss
 
 
@@ -58,6 +59,12 @@ class OverlapRoIHeads(RoIHeads):
         ``GeneralizedRCNN`` already rejects degenerate GT boxes). The head
         still reads the per-image sample counts once per step, to cut the
         batch into torchvision's per-image lists.
+      * ``record_samples``: keep the batch just sampled in ``last_samples``
+        (a :class:`~overlap_sampler.detection.diagnostics.SampledBatch`, the
+        op's layout whichever sampler ran) for
+        :func:`~overlap_sampler.detection.diagnostics.sampler_diagnostics`.
+        Default False (``last_samples`` None); training sets it at its
+        diagnostics steps only. Eager mode only.
     """
 
     # TorchScript reads attribute types from the class annotations, and a
@@ -77,10 +84,11 @@ class OverlapRoIHeads(RoIHeads):
         "fg_iou_thresh": float,
         "bg_iou_thresh": float,
         "validate_inputs": bool,
+        "record_samples": bool,
         "last_num_pos": Tensor,
         "last_num_neg": Tensor,
     }
-    __jit_ignored_attributes__ = ["generator"]
+    __jit_ignored_attributes__ = ["generator", "last_samples"]
 
     def __init__(
         self,
@@ -113,6 +121,8 @@ class OverlapRoIHeads(RoIHeads):
         )
         self.generator: Optional[torch.Generator] = None
         self.validate_inputs = True
+        self.record_samples = False
+        self.last_samples: Optional[SampledBatch] = None
         self.last_num_pos = torch.zeros(0, dtype=torch.int64)
         self.last_num_neg = torch.zeros(0, dtype=torch.int64)
         self.set_sampler(config)
@@ -137,6 +147,7 @@ class OverlapRoIHeads(RoIHeads):
         if isinstance(roi_heads, OverlapRoIHeads):
             head.generator = roi_heads.generator
             head.validate_inputs = roi_heads.validate_inputs
+            head.record_samples = roi_heads.record_samples
         head.train(roi_heads.training)
         return head
 
@@ -192,6 +203,15 @@ class OverlapRoIHeads(RoIHeads):
         if torch.jit.is_scripting():
             return None
         return self._eager_generator()
+
+    # Called under `if not torch.jit.is_scripting()`, a branch TorchScript does not compile.
+    def _record(self, proposals: Tensor, proposal_counts: list[int], gt_boxes: Tensor, gt_counts: list[int],
+                indices: Tensor, num_pos: Tensor, weights: Tensor) -> None:
+        self.last_samples = SampledBatch(proposals, proposal_counts, gt_boxes, gt_counts, indices, num_pos, weights)
+
+    def _record_torchvision(self, proposals_with_gt: list[Tensor], gt_boxes: list[Tensor],
+                            sampled: list[Tensor], labels: list[Tensor]) -> None:
+        self.last_samples = from_torchvision_samples(proposals_with_gt, gt_boxes, sampled, labels)
 
     def check_targets(self, targets):
         # type: (Optional[list[dict[str, Tensor]]]) -> None
@@ -291,6 +311,10 @@ class OverlapRoIHeads(RoIHeads):
         )
         self.last_num_pos = num_pos
         self.last_num_neg = num_neg
+        if not torch.jit.is_scripting():
+            if self.record_samples:
+                self._record(sample_proposals, [p.shape[0] for p in proposals], sample_gt, gt_counts, indices,
+                             num_pos, weights)
 
         # Gather over the whole batch at once. A dummy unit box ends both the
         # example table (target of -1 padding) and the GT table (target of
@@ -354,6 +378,7 @@ class OverlapRoIHeads(RoIHeads):
         proposals = self.add_gt_proposals(proposals, gt_boxes)
         matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
         sampled_inds = self.subsample(labels)
+        with_gt = list(proposals)  # the loop below replaces the entries by their samples
         matched_gt_boxes = []
         num_images = len(proposals)
         for img_id in range(num_images):
@@ -371,6 +396,9 @@ class OverlapRoIHeads(RoIHeads):
         weights = [torch.ones(lab.shape[0], dtype=torch.float32, device=device) for lab in labels]
         self.last_num_pos = torch.stack([(lab > 0).sum() for lab in labels])
         self.last_num_neg = torch.stack([(lab == 0).sum() for lab in labels])
+        if not torch.jit.is_scripting():
+            if self.record_samples:
+                self._record_torchvision(with_gt, gt_boxes, sampled_inds, labels)
         return proposals, matched_idxs, labels, list(regression_targets), weights
 
     def forward(
