@@ -634,9 +634,11 @@ def test_ddp_two_gloo_processes(tiny_data, tmp_path):
         # 2 ranks x batch 2: fg/bg are per image over the 4 images of the global batch.
         assert h["fg_per_image"] + h["bg_per_image"] > 0
     assert set(json.loads((out / "eval.json").read_text())["bbox"]) == AP_KEYS
-    # Only rank 0 writes: one log, no stray files from rank 1.
+    # Only rank 0 writes: one log, one TensorBoard event file, no stray files from rank 1.
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("checkpoint_")) == [
-        "config.json", "eval.json", "last_checkpoint.pth", "loss_curve.png", "metrics.json", "train.log"]
+        "config.json", "eval.json", "last_checkpoint.pth", "loss_curve.png", "metrics.json",
+        "sampler_diagnostics.csv", "tb", "train.log"]
+    assert len(list((out / "tb").iterdir())) == 1
 
 
 def test_ddp_resume_is_bit_identical(tiny_data, tmp_path):

@@ -116,7 +116,15 @@ class TrainConfig:
     log_every: int = _f(20, "log losses, LR and fg/bg counts every this many iterations")
     progress: bool = _f(True, "show a tqdm progress bar (rank 0)")
     eval_at_end: bool = _f(True, "evaluate on the validation split at the end (COCO AP)")
-    eval_batch_size: int = _f(4, "images per batch during the final evaluation")
+    eval_batch_size: int = _f(4, "images per batch during the evaluations")
+    eval_every: int | None = _f(None, "also evaluate (COCO AP, rank 0) every this many iterations, for the AP "
+                                      "curve in TensorBoard and loss_curve.png (default: at the end only)")
+    tensorboard: bool = _f(True, "write TensorBoard event files in <output_dir>/tb (rank 0): the logged "
+                                 "scalars, the AP of every evaluation and the sampler diagnostics")
+    diagnostics_every: int = _f(50, "every this many iterations, measure what the RoI sampler picked (IoU_p,n "
+                                    "and IoU_g,e of the negatives, IoU_g,p and keys of the positives, soft bins, "
+                                    "epsilon-weighted positives: the paper's Fig. 4) into TensorBoard and "
+                                    "sampler_diagnostics.csv (rank 0's batch; 0 = off)")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -198,12 +206,13 @@ class TrainConfig:
                                  "set dataset = 'coco' to train on your own files")
         else:
             needed = ["train_images", "train_annotations"]
-            if self.eval_at_end:
+            if self.evaluates():
                 needed += ["val_images", "val_annotations"]
             for p in needed:
                 if getattr(self, p) is None:
                     raise ValueError(f"TrainConfig.{p} is required with dataset = 'coco'"
-                                     + (" (or set eval_at_end = false)" if p.startswith("val") else ""))
+                                     + (" (or set eval_at_end = false, eval_every unset)" if p.startswith("val")
+                                    else ""))
         if not (is_num(self.hflip) and 0.0 <= self.hflip <= 1.0):
             bad("hflip", "a probability in [0, 1]")
         if self.arch not in ARCHS:
@@ -236,7 +245,9 @@ class TrainConfig:
                 bad(name, "a positive integer")
         if self.max_size < self.min_size:
             bad("max_size", f">= min_size ({self.min_size})")
-        for name in ("warmup_iters", "num_workers", "seed", "threads"):
+        if self.eval_every is not None and not (is_int(self.eval_every) and self.eval_every > 0):
+            bad("eval_every", "a positive integer or unset")
+        for name in ("warmup_iters", "num_workers", "seed", "threads", "diagnostics_every"):
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 0):
                 bad(name, "a non-negative integer")
         if self.stop_after is not None and not (is_int(self.stop_after) and self.stop_after > 0):
@@ -259,7 +270,7 @@ class TrainConfig:
             self.lr_steps = list(self.lr_steps)
         if self.clip_grad_norm is not None and not (is_num(self.clip_grad_norm) and self.clip_grad_norm > 0):
             bad("clip_grad_norm", "a positive number or unset")
-        for name in ("amp", "progress", "eval_at_end"):
+        for name in ("amp", "progress", "eval_at_end", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "true or false")
         if not (isinstance(self.output_dir, str) and self.output_dir):
@@ -269,6 +280,10 @@ class TrainConfig:
             bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
 
     # ------------------------------------------------------------------ derived values
+    def evaluates(self) -> bool:
+        """Whether the run reads the validation set: evaluation at the end or every ``eval_every``."""
+        return self.eval_at_end or self.eval_every is not None
+
     def resolved_lr_steps(self) -> list[int]:
         """``lr_steps``, or 2/3 and 8/9 of ``iterations`` (the proportions of the usual 1x schedule)."""
         if self.lr_steps is not None:

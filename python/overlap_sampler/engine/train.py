@@ -7,9 +7,10 @@ curve and (on rank 0) the final COCO evaluation. Outputs in ``config.output_dir`
     train.log                  the log (appended by resumed runs)
     checkpoint_XXXXXXX.pth     every ``checkpoint_every`` iterations and at the end
     last_checkpoint.pth        the newest of them (what ``--resume auto`` reads)
-    metrics.json               logged losses, LR, fg/bg counts and times; final eval metrics
-    loss_curve.png             losses and LR against iterations
+    metrics.json               logged losses, LR, fg/bg counts and times; every evaluation's metrics
+    loss_curve.png             losses and LR (and AP with ``eval_every``) against iterations
     eval.json                  the final evaluation (``evaluate``'s dict)
+    tb/, sampler_diagnostics.csv   TensorBoard event files and the sampler's diagnostics (``monitor.py``)
 
 Exact resume. Everything random is a function of saved state: the data order is a pure function of
 (seed, global sample position) -- see ``IterationBatchSampler`` -- and the Python, NumPy, torch CPU and
@@ -22,6 +23,7 @@ as an uninterrupted run (tests/test_train.py checks it).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import math
 import os
@@ -31,7 +33,7 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ from . import distributed as D
 from .checkpoint import (CHECKPOINT_FORMAT, LAST, backbone_layout, build_model_for, checkpoint_layout,
                          config_from_checkpoint, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state)
 from .config import TrainConfig
+from .monitor import DIAGNOSTICS_CSV, TrainMonitor
 
 LOGGER_NAME = "overlap_sampler.train"
 
@@ -53,7 +56,7 @@ _RESULT_FIELDS = ("dataset", "data_root", "train_images", "train_annotations", "
                   "lr_steps", "lr_gamma", "clip_grad_norm", "amp", "seed")
 
 # What a run writes in its output folder besides the checkpoints (see the module docstring).
-OUTPUT_FILES = ("config.json", "train.log", "metrics.json", "loss_curve.png", "eval.json")
+OUTPUT_FILES = ("config.json", "train.log", "metrics.json", "loss_curve.png", "eval.json", DIAGNOSTICS_CSV)
 # Temporary files of earlier versions (written as "<name>.tmp"), removed when a run starts there.
 _LEGACY_TEMPORARIES = ("config.json.tmp", "metrics.json.tmp", "eval.json.tmp")
 
@@ -232,8 +235,23 @@ def _collate(batch):
 
 
 # ---------------------------------------------------------------------- helpers
+def _every(period: Optional[int], iteration: int) -> bool:
+    """Whether ``iteration`` (1-based count) is a multiple of ``period`` (None or 0: never)."""
+    return bool(period) and iteration % period == 0
+
+
+def _diagnose(head, monitor: TrainMonitor, iteration: int) -> None:
+    """The sampler diagnostics of the batch ``head`` just recorded, to ``monitor``; recording stops."""
+    from ..detection.diagnostics import sampler_diagnostics
+
+    samples, head.last_samples, head.record_samples = head.last_samples, None, False
+    if samples is not None:
+        with torch.no_grad():
+            monitor.diagnostics(iteration, sampler_diagnostics(samples, head.sampler_config()))
+
+
 def _empty_window() -> dict[str, float]:
-    return {"loss": 0.0, "n": 0, "pos": 0, "neg": 0, "images": 0}
+    return {"loss": 0.0, "n": 0, "pos": 0, "neg": 0, "images": 0, "data": 0.0}
 
 
 def seed_everything(seed: int) -> None:
@@ -314,15 +332,22 @@ def _resolve_resume(config: TrainConfig) -> str | None:
     return config.resume
 
 
-def plot_loss_curve(history: list[dict[str, Any]], path: str) -> None:
-    """Losses (log scale) and LR against iterations, as a PNG (matplotlib, Agg backend)."""
+def plot_loss_curve(history: list[dict[str, Any]], path: str,
+                    evaluations: Optional[list[dict[str, Any]]] = None) -> None:
+    """Losses (log scale) and LR against iterations, as a PNG (matplotlib, Agg backend).
+
+    With ``evaluations`` (``{"iteration", "bbox": {"AP", ...}, ["segm": ...]}`` per evaluation, a run's
+    ``eval_history``; ``[]`` too) a third panel shows AP and AP50 in percent against iterations.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
-                                         gridspec_kw={"height_ratios": [3, 1]})
+    ratios = [3, 1] if evaluations is None else [3, 1, 2]
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(8, 7 + 2 * (len(ratios) - 2)), sharex=True,
+                             gridspec_kw={"height_ratios": ratios})
+    ax_loss, ax_lr = axes[0], axes[1]
     if history:
         its = [h["iteration"] for h in history]
         keys = ["loss"] + sorted(k for k in history[0] if k.startswith("loss_"))
@@ -335,14 +360,29 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str) -> None:
     if history:  # a checkpoint before the first log line has nothing to label
         ax_loss.legend(fontsize=8)
     ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("iteration")
     ax_lr.grid(True, alpha=0.3)
+    if evaluations is not None:
+        _plot_ap(axes[2], evaluations)
+    axes[-1].set_xlabel("iteration")
     fig.tight_layout()
     try:
         with atomic_write(path, "wb", fsync=False, what="loss curve") as f:
             fig.savefig(f, format="png", dpi=100)
     finally:
         plt.close(fig)
+
+
+def _plot_ap(ax, evaluations: list[dict[str, Any]]) -> None:
+    its = [e["iteration"] for e in evaluations]
+    for iou_type in ("bbox", "segm"):
+        for name, style in (("AP", "-o"), ("AP50", "--o")):
+            values = [100.0 * e[iou_type][name] if iou_type in e else float("nan") for e in evaluations]
+            if any(math.isfinite(v) for v in values):
+                ax.plot(its, values, style, ms=3, label=f"{'box' if iou_type == 'bbox' else 'mask'} {name}")
+    ax.set_ylabel("validation AP (%)")
+    ax.grid(True, alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize=8)
 
 
 # ---------------------------------------------------------------------- the job
@@ -360,7 +400,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        result = _train(config, info)
+        with contextlib.ExitStack() as closing:  # what _train opens (the TensorBoard writer) is closed
+            result = _train(config, info, closing)
     except BaseException:
         # No barrier: the other ranks may be stuck elsewhere; torchrun tears them down.
         if dist.is_available() and dist.is_initialized():
@@ -389,7 +430,7 @@ def check_inputs_kept(config: TrainConfig) -> None:
     names = {"weights": "initial weights", "backbone_weights": "backbone weights"}
     if config.dataset == "coco":
         names["train_annotations"] = "training annotations"
-        if config.eval_at_end:
+        if config.evaluates():
             names["val_annotations"] = "validation annotations"
     inputs = [(what, getattr(config, name)) for name, what in names.items() if getattr(config, name) is not None]
     outputs = [(f"output {name}", os.path.join(config.output_dir, name)) for name in OUTPUT_FILES + (LAST,)]
@@ -401,7 +442,7 @@ def check_inputs_kept(config: TrainConfig) -> None:
     check_not_inputs(outputs, inputs, advice="give another --output-dir")
 
 
-def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
+def _train(config: TrainConfig, info: D.DistInfo, closing: contextlib.ExitStack) -> dict[str, Any]:
     device = info.device
     if info.is_main:
         prepare_output_dir(config.output_dir, legacy_names=_LEGACY_TEMPORARIES)
@@ -469,7 +510,7 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     if info.is_main:
         train_set = make_dataset(config, "train")
         # The validation set is read and checked now, so a broken file fails before training, not after.
-        if config.eval_at_end:
+        if config.evaluates():
             val_set = make_dataset(config, "val")
             if list(val_set.category_ids) != list(train_set.category_ids):
                 raise ValueError(f"{val_set.annotation_file}: validation categories {list(val_set.category_ids)} "
@@ -504,7 +545,7 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     schedule = IterationLR(optimizer, config)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    start_iter, history, elapsed_before = 0, [], 0.0
+    start_iter, history, evaluations, elapsed_before = 0, [], [], 0.0
     if state is not None:
         try:
             model.load_state_dict(state["model"])
@@ -521,6 +562,7 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
             scaler.load_state_dict(state["scaler"])
         start_iter = int(state["iteration"])
         history = list(state.get("history", []))
+        evaluations = list(state.get("eval_history", []))
         elapsed_before = float(state.get("elapsed", 0.0))
         rngs = state.get("rng") or []
         if len(rngs) == info.world_size:
@@ -551,6 +593,10 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
                         collate_fn=_collate, generator=torch.Generator().manual_seed(config.seed),
                         pin_memory=device.type == "cuda", persistent_workers=False)
 
+    monitor = closing.enter_context(TrainMonitor(config, enabled=info.is_main, start_iter=start_iter,
+                                                 resumed=state is not None, logger=logger))
+    head = core.roi_heads
+
     def checkpoint(iteration: int, position: int) -> str | None:
         # Every rank's generators and partial log window, so that a resumed run replays them exactly.
         per_rank = D.all_gather_objects({"rng": get_rng_state(), "window": dict(window)})
@@ -564,7 +610,7 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
             "scaler": scaler.state_dict() if use_amp else {}, "config": config.to_dict(),
             "num_classes": num_classes, "category_ids": category_ids, "backbone_layout": used_layout,
             "category_names": list(getattr(train_set, "category_names", [])), "rng": rngs, "log_window": windows,
-            "data": {"seed": config.seed, "position": position}, "history": history,
+            "data": {"seed": config.seed, "position": position}, "history": history, "eval_history": evaluations,
             "elapsed": elapsed_before + (time.perf_counter() - t_start), "world_size": info.world_size,
         }
         path = save_checkpoint(payload, config.output_dir)
@@ -578,9 +624,26 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
         metrics = {"config": config.to_dict(), "device": str(device), "world_size": info.world_size,
                    "iteration": iteration, "iterations": config.iterations,
                    "train_time_s": elapsed_before + (time.perf_counter() - t_start), "history": history,
-                   "eval": eval_metrics}
+                   "eval": eval_metrics, "eval_history": evaluations}
         write_json(os.path.join(config.output_dir, "metrics.json"), metrics, indent=2)
-        plot_loss_curve(history, os.path.join(config.output_dir, "loss_curve.png"))
+        plot_loss_curve(history, os.path.join(config.output_dir, "loss_curve.png"),
+                        evaluations if config.eval_every else None)
+        return metrics
+
+    def evaluate_now(iteration, barrier=True):
+        # Rank 0 evaluates; the others wait at the barrier, not inside a gradient all-reduce.
+        metrics = None
+        if info.is_main:
+            from .evaluate import evaluate, format_table
+
+            logger.info("evaluating on %d validation images at iteration %d", len(val_set), iteration)
+            metrics = evaluate(core, val_set, device=device, batch_size=config.eval_batch_size,
+                               progress=config.progress)
+            logger.info("evaluation at iteration %d:\n%s", iteration, format_table(metrics))
+            evaluations.append({"iteration": iteration, **metrics})
+            monitor.evaluation(iteration, metrics)
+        if barrier:
+            D.barrier()
         return metrics
 
     # ---- the loop
@@ -591,7 +654,8 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     model.train()
     iteration = start_iter
     t_start = time.perf_counter()
-    # Sums over the current log window (losses, iterations "n", fg "pos", bg "neg", "images").
+    # Sums over the current log window (losses, iterations "n", fg "pos", bg "neg", "images", seconds
+    # waiting for the data "data").
     window: dict[str, float] = _empty_window()
     if state is not None and len(state.get("log_window") or []) == info.world_size:
         window = dict(state["log_window"][info.rank])
@@ -599,11 +663,16 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     last_ckpt = None
     logger.info("iterations %d -> %d of %d, %d images per iteration, LR steps at %s", start_iter, end_iter,
                 config.iterations, global_batch, config.resolved_lr_steps())
+    fetch_t = time.perf_counter()
     for batch in loader:
+        window["data"] = window.get("data", 0.0) + (time.perf_counter() - fetch_t)
         if isinstance(batch, _LoadFailure):
             batch.reraise(logger)
         images, targets = batch
         lr = schedule.set(iteration)
+        # Rank 0's head keeps what it samples at a diagnostics step (no cost on the other steps).
+        diagnose = info.is_main and _every(config.diagnostics_every, iteration + 1)
+        head.record_samples = diagnose
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         with torch.autocast(device.type, enabled=use_amp):
@@ -635,16 +704,19 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
         window["images"] += len(images)
         bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", fg=pos, bg=neg, refresh=False)
         bar.update(1)
+        if diagnose:
+            _diagnose(head, monitor, iteration)
 
         # Not at a stop_after point: its partial window goes into the checkpoint and the resumed run logs
         # it on schedule, so the history of a run in chunks equals that of an uninterrupted one.
         if iteration % config.log_every == 0 or iteration == config.iterations:
             keys = sorted(k for k in window if k.startswith("loss"))
-            packed = torch.tensor([window[k] for k in keys + ["n", "pos", "neg", "images"]], dtype=torch.float64)
+            packed = torch.tensor([window[k] for k in keys] + [window.get("data", 0.0)]
+                                  + [window[k] for k in ("n", "pos", "neg", "images")], dtype=torch.float64)
             # Gloo reduces CPU tensors, NCCL CUDA ones.
             packed = D.all_reduce_sum(packed.to(device) if info.distributed and device.type == "cuda"
                                       else packed).cpu()
-            n = float(packed[len(keys)])
+            n = float(packed[len(keys) + 1])
             entry = {"iteration": iteration, "lr": lr}
             entry.update({k: float(packed[i]) / n for i, k in enumerate(keys)})
             nimg = max(float(packed[-1]), 1.0)
@@ -652,8 +724,10 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
             entry["bg_per_image"] = float(packed[-2]) / nimg
             now = time.perf_counter()
             entry["time_per_iter"] = (now - window_t) / max(iteration - window_start, 1)
+            entry["time_data_per_iter"] = float(packed[len(keys)]) / n
             entry["time"] = elapsed_before + (now - t_start)
             history.append(entry)
+            monitor.scalars(entry)
             logger.info("iter %d/%d  loss %.4f (%s)  lr %.3g  fg/bg per image %.1f/%.1f  %.3fs/iter",
                         iteration, config.iterations, entry["loss"],
                         ", ".join(f"{k[5:] if k.startswith('loss_') else k} {entry[k]:.3f}"
@@ -661,8 +735,13 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
                         lr, entry["fg_per_image"], entry["bg_per_image"], entry["time_per_iter"])
             window = _empty_window()
             window_t, window_start = now, iteration
+        if _every(config.eval_every, iteration):
+            eval_t = time.perf_counter()
+            evaluate_now(iteration)
+            window_t += time.perf_counter() - eval_t  # not training time
         if iteration % config.checkpoint_every == 0 or iteration == end_iter:
             last_ckpt = checkpoint(iteration, start_position + (iteration - start_iter) * global_batch)
+        fetch_t = time.perf_counter()
     bar.close()
     if iteration == start_iter and info.is_main:
         logger.info("nothing to train: the checkpoint is at iteration %d of %d", iteration, end_iter)
@@ -673,12 +752,10 @@ def _train(config: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     finished = iteration >= config.iterations
     eval_metrics = None
     if finished and config.eval_at_end:
-        from .evaluate import evaluate, format_table
-
-        logger.info("evaluating on %d validation images", len(val_set))
-        eval_metrics = evaluate(core, val_set, device=device, batch_size=config.eval_batch_size,
-                                progress=config.progress)
-        logger.info("evaluation:\n%s", format_table(eval_metrics))
+        if evaluations and evaluations[-1]["iteration"] == iteration:  # done by eval_every just now
+            eval_metrics = {k: v for k, v in evaluations[-1].items() if k != "iteration"}
+        else:
+            eval_metrics = evaluate_now(iteration, barrier=False)
         write_json(os.path.join(config.output_dir, "eval.json"), eval_metrics, indent=2)
     elif not finished:
         logger.info("stopped at iteration %d of %d; continue with resume='auto'", iteration, config.iterations)
