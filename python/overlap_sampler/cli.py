@@ -1,9 +1,10 @@
-"""`overlap-sampler` command line: `train`, `eval`, `predict`, `export`, `demo`, `info`.
+"""`overlap-sampler` command line: `train`, `eval`, `predict`, `export`, `analyze`, `demo`, `info`.
 
     overlap-sampler train [--config FILE.toml|FILE.json] [--flag value ...]
     overlap-sampler eval --checkpoint PATH [--dataset synthetic | --val-images D --val-annotations F]
     overlap-sampler predict --checkpoint PATH IMAGE_OR_FOLDER ... [--score-thresh 0.5]
     overlap-sampler export --checkpoint PATH --output FILE.pt
+    overlap-sampler analyze upper-bound --checkpoint PATH [data flags as eval] [--nms-thresh T]
     torchrun --nproc_per_node 2 -m overlap_sampler.cli train ...      (DDP: NCCL on CUDA, Gloo on CPU)
 
 `train` with no arguments trains the small Faster R-CNN on the built-in synthetic dataset and evaluates it.
@@ -176,6 +177,31 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=1, help="images per forward pass (of one size) [1]")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    analyze = commands.add_parser("analyze", help="analyses of a trained checkpoint (the paper's Table 1)",
+                                  description="Analyses of a trained checkpoint.")
+    analyses = analyze.add_subparsers(dest="analysis", required=True, help="the analysis to run")
+    ub = analyses.add_parser("upper-bound", help="box AP if the scores before NMS met each sampling heuristic's "
+                                                 "ideal (Table 1)",
+                             description="The paper's Table 1 for a checkpoint: box AP, AP50, AP75 of the model "
+                                         "and with its candidates' scores replaced before NMS by the oracle of "
+                                         "IoU-balanced sampling (negatives 0), ISR (positives: their IoU with "
+                                         "the GT) and the overlap sampler (candidates overlapping another of "
+                                         "their class above the NMS threshold: their IoU with the GT). Writes "
+                                         "upper_bound.json and upper_bound.md.")
+    ub.add_argument("--checkpoint", required=True, help="a checkpoint written by `train`")
+    ub.add_argument("--dataset", choices=("synthetic",), default=None,
+                    help="use the built-in synthetic validation split [without this and the --val-* flags: the "
+                         "validation set the checkpoint was trained with]")
+    ub.add_argument("--val-images", help="directory of the validation images (COCO format)")
+    ub.add_argument("--val-annotations", help="COCO instances json of the validation images")
+    ub.add_argument("--output-dir", help="where upper_bound.json and upper_bound.md go [analysis/ beside the "
+                                         "checkpoint]")
+    ub.add_argument("--nms-thresh", type=float, default=None,
+                    help="test NMS IoU threshold of every row, also what 'overlapped' means [the model's own]")
+    ub.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N' [auto]")
+    ub.add_argument("--batch-size", type=int, default=2, help="images per forward pass [2]")
+    ub.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     demo = commands.add_parser("demo", help="sample a crowded synthetic batch with every negative strategy")
     demo.add_argument("--images", type=int, default=8, help="images in the batch [8]")
     demo.add_argument("--proposals", type=int, default=2000, help="proposals per image [2000]")
@@ -230,6 +256,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         predict_checkpoint(args.checkpoint, args.images, output_dir=args.output_dir, score_thresh=args.score_thresh,
                            draw=not args.no_draw, device=args.device, batch_size=args.batch_size,
                            progress=not args.no_progress)
+    elif args.command == "analyze":
+        if args.dataset and (args.val_images or args.val_annotations):
+            parser.error("give either --dataset synthetic or --val-images/--val-annotations, not both")
+        if bool(args.val_images) != bool(args.val_annotations):
+            parser.error("--val-images and --val-annotations go together")
+        from .analysis.upper_bound import upper_bound_checkpoint
+
+        upper_bound_checkpoint(args.checkpoint, dataset=None if args.val_images else args.dataset or "checkpoint",
+                               val_images=args.val_images, val_annotations=args.val_annotations,
+                               output_dir=args.output_dir, nms_thresh=args.nms_thresh, device=args.device,
+                               batch_size=args.batch_size, progress=not args.no_progress)
     elif args.command == "export":
         from .engine.export import export_checkpoint
 

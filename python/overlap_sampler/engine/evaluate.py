@@ -26,8 +26,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from ..io_safety import check_not_inputs, prepare_output_file, write_json
-from .distributed import resolve_device
+from ..io_safety import prepare_output_file, write_json
+from .eval_inputs import has_mask_head, load_eval_inputs
 from .export import detect
 
 #: The six COCO summary numbers we report, in the order of ``COCOeval.stats[0:6]``.
@@ -127,12 +127,6 @@ def coco_metrics(coco_gt: COCO, results: list[dict], iou_type: str, *,
     return {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
 
 
-def _has_mask_head(model: torch.nn.Module) -> bool:
-    roi_heads = getattr(model, "roi_heads", None)
-    has_mask = getattr(roi_heads, "has_mask", None)
-    return bool(has_mask()) if callable(has_mask) else False
-
-
 def same_size_batches(dataset, batch_size: int) -> list[list[int]]:
     """Indices of ``dataset`` in batches of at most ``batch_size`` images of one size.
 
@@ -206,7 +200,7 @@ def evaluate(model: torch.nn.Module, dataset, *, device: str | torch.device = "c
     model.eval().to(device)
     results: list[dict] = []
     image_ids: list[int] = []
-    predicts_masks = _has_mask_head(model)
+    predicts_masks = has_mask_head(model)
     try:
         with torch.inference_mode(), tqdm(total=len(dataset), desc="eval", unit="img",
                                           disable=not progress, file=sys.stderr) as bar:
@@ -290,61 +284,12 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint
     Returns:
         the metrics dict of :func:`evaluate`.
     """
-    from overlap_sampler.data import CocoDetection, synthetic_dataset
-    from overlap_sampler.engine.checkpoint import (
-        is_torchscript_archive,
-        load_checkpoint,
-        load_detector,
-        model_from_checkpoint_state,
-    )
-
-    if dataset not in ("checkpoint", "synthetic", None):
-        raise ValueError(f"dataset must be 'checkpoint', 'synthetic' or None, got {dataset!r}")
-    if dataset is None and (val_images is None or val_annotations is None):
-        raise ValueError("val_images and val_annotations are both needed when dataset is None "
-                         f"(got val_images={val_images!r}, val_annotations={val_annotations!r})")
-    if dataset is not None and (val_images is not None or val_annotations is not None):
-        raise ValueError(f"give either dataset={dataset!r} or val_images + val_annotations (with "
-                         "dataset=None), not both")
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     output_dir = output_dir or os.path.dirname(os.path.abspath(checkpoint))
     name = os.path.splitext(os.path.basename(checkpoint))[0]
     output = os.path.join(output_dir, f"eval_{name}.json")
-    check_not_inputs([("metrics file", output)], [("checkpoint", checkpoint)], advice="give another output folder")
-    target = resolve_device(device)  # before the slow part: a bad device fails at once
-    prepare_output_file(output, "metrics file")  # so does a folder that cannot be written
-    if is_torchscript_archive(checkpoint):
-        if dataset == "checkpoint":
-            raise ValueError(f"{checkpoint} is an exported TorchScript model: it holds no run, so no validation "
-                             "set; give val_images and val_annotations (or dataset='synthetic')")
-        model, categories = load_detector(checkpoint, target)
-        config, trained_categories = None, [c["category_id"] for c in categories]
-    else:
-        state = load_checkpoint(checkpoint, map_location="cpu")
-        model, config = model_from_checkpoint_state(state, checkpoint)
-        trained_categories = state["category_ids"]
-    if dataset == "checkpoint" and config.dataset == "coco":
-        if config.val_images is None or config.val_annotations is None:
-            raise ValueError(f"the run of checkpoint {checkpoint} had no validation set: give val_images and "
-                             "val_annotations")
-        image_dir, annotation_file = config.val_images, config.val_annotations
-    elif dataset is not None:
-        # The cache the checkpoint was trained from (train's --data-root).
-        image_dir, annotation_file = synthetic_dataset("val", root=config.data_root if config else None)
-    else:
-        image_dir, annotation_file = val_images, val_annotations
-    check_not_inputs([("metrics file", output)], [("annotation file", annotation_file)],
-                     advice="give another output folder")
-
-    with_masks = getattr(config, "arch", None) == "maskrcnn" or _has_mask_head(model)
-    data = CocoDetection(image_dir, annotation_file, masks=with_masks)
-    # The model's label l means trained_categories[l - 1]; evaluate() maps labels with the
-    # dataset's list, so the two must agree.
-    if list(data.category_ids) != list(trained_categories):
-        raise ValueError(f"{annotation_file}: categories {list(data.category_ids)} differ from the "
-                         f"categories {list(trained_categories)} the checkpoint was trained on")
-    metrics = evaluate(model, data, device=target, batch_size=batch_size,
+    inputs = load_eval_inputs(checkpoint, dataset=dataset, val_images=val_images, val_annotations=val_annotations,
+                              device=device, outputs=[("metrics file", output)])
+    metrics = evaluate(inputs.model, inputs.data, device=inputs.device, batch_size=batch_size,
                        progress=progress)
     path = write_metrics(metrics, output)
     print(format_table(metrics))
