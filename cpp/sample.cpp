@@ -26,6 +26,9 @@ SampleResult sample(const at::Tensor& proposals, const at::Tensor& proposal_spli
                        hard_thresh, bin_upper, pos_weight, std::string(pos_key));
   check_boxes(proposals, "proposals");
   check_boxes(gt_boxes, "gt_boxes");
+  check_splits(proposal_splits, proposals, "proposal_splits");
+  check_splits(gt_splits, proposals, "gt_splits");
+  check_output_size(proposal_splits.size(0) - 1, batch_size_per_image, "batch_size_per_image");
   const int64_t examples = proposals.size(0) + (append_gt ? gt_boxes.size(0) : 0);
   const at::Tensor uniforms =
       at::rand({examples}, generator, proposals.options().dtype(at::kDouble));

@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <iomanip>
 #include <limits>
+#include <sstream>
+#include <string>
 
 #include "checks.h"
 
@@ -24,6 +27,14 @@ int32_t parse_strategy(const std::string& name, const char* argument, bool negat
   }
   TORCH_CHECK_VALUE(false, argument, " must be one of uniform, hard, soft, soft_reference, linear",
                     negatives ? ", iou_balanced" : "", "; got '", name, "'");
+}
+
+// All 17 digits, as Python prints a float: the default 6 would show a value
+// just above the float32 maximum as the maximum itself.
+std::string round_trip(double value) {
+  std::ostringstream text;
+  text << std::setprecision(17) << value;
+  return text.str();
 }
 
 void check_unit_interval(double value, const char* name) {
@@ -55,8 +66,9 @@ SampleOptions parse_sample_options(int64_t batch_size_per_image, double positive
   // The weights output is float32: a larger epsilon would become +inf.
   TORCH_CHECK_VALUE(std::isfinite(pos_weight) && pos_weight >= 0.0 &&
                         pos_weight <= static_cast<double>(std::numeric_limits<float>::max()),
-                    "pos_weight must be a finite number in [0, ", std::numeric_limits<float>::max(),
-                    "] (the float32 maximum), got ", pos_weight);
+                    "pos_weight must be a finite number in [0, ",
+                    round_trip(std::numeric_limits<float>::max()), "] (the float32 maximum), got ",
+                    round_trip(pos_weight));
   TORCH_CHECK_VALUE(pos_key == "negatives" || pos_key == "all",
                     "pos_key must be 'negatives' or 'all', got '", pos_key, "'");
 

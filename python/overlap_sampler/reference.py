@@ -38,6 +38,17 @@ __all__ = [
 _STRATEGIES = ("uniform", "hard", "soft", "soft_reference", "linear", "iou_balanced")
 _MAX_BINS = 64  # kMaxBins in cpp/sampling_math.h
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the weights output is float32
+_MAX_OUTPUT_WIDTH = 1 << 24  # kMaxOutputWidth and kMaxOutputEntries in cpp/checks.h
+_MAX_OUTPUT_ENTRIES = (1 << 31) - 1
+
+
+def _check_output_size(rows: int, width: int, name: str) -> None:
+    """check_output_size of cpp/checks.cpp: the padded output's width and entries."""
+    if width > _MAX_OUTPUT_WIDTH:
+        raise ValueError(f"{name} must be at most {_MAX_OUTPUT_WIDTH} (the width of the padded output), got {width}")
+    if rows and width > _MAX_OUTPUT_ENTRIES // rows:
+        raise ValueError(f"{name} = {width} for {rows} rows would make an output of more than "
+                         f"{_MAX_OUTPUT_ENTRIES} entries")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -163,6 +174,7 @@ def _check_options(
     """The option checks of cpp/sample_options.cpp (parse_sample_options), as ValueErrors."""
     if batch_size_per_image < 0:
         raise ValueError(f"batch_size_per_image must be >= 0, got {batch_size_per_image}")
+    _check_output_size(0, batch_size_per_image, "batch_size_per_image")
     for name, value in (
         ("positive_fraction", positive_fraction),
         ("fg_iou_thresh", fg_iou_thresh),
@@ -371,6 +383,7 @@ def weighted_sample(
     if max_count < 0:
         raise ValueError(f"max_count must be >= 0, got {max_count}")
     s = _splits_list(splits, weights.shape[0], "splits")
+    _check_output_size(len(s) - 1, max_count, "max_count")
     if counts.dim() != 1 or counts.shape[0] != len(s) - 1:
         raise ValueError(f"counts must have shape [{len(s) - 1}], got {tuple(counts.shape)}")
     c = counts.tolist()
@@ -576,8 +589,11 @@ def sample_from_uniforms(
                 raise ValueError(f"{name} contains NaN or infinite values")
         if num_gt and not bool(((gt_boxes[:, 2] >= gt_boxes[:, 0]) & (gt_boxes[:, 3] >= gt_boxes[:, 1])).all()):
             raise ValueError("gt_boxes has a box with x2 < x1 or y2 < y1 (expected x1, y1, x2, y2)")
+        if uniforms.numel() and not bool(((uniforms >= 0) & (uniforms < 1)).all()):
+            raise ValueError("uniforms must lie in [0, 1) (no NaN or infinity)")
 
     num_images = len(ps) - 1
+    _check_output_size(num_images, batch_size_per_image, "batch_size_per_image")
     width = batch_size_per_image
     quota_pos = int(math.floor(batch_size_per_image * positive_fraction + 0.5))
     acc = _acc_dtype(proposals.dtype)

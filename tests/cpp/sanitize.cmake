@@ -7,11 +7,18 @@
 # libstdc++ is preloaded too: Python does not link it, and ASan's C++ exception hook, resolved when
 # ASan starts, would otherwise be missing at the first throw (GCC 12: "CHECK failed: ...
 # real___cxa_throw != 0").
+if(NOT CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+  message(FATAL_ERROR "The sanitizer build preloads GCC's libasan: configure it with GCC (got "
+                      "${CMAKE_CXX_COMPILER_ID})")
+endif()
 set(_preload "")
 foreach(_lib libasan.so libstdc++.so)
   execute_process(
     COMMAND ${CMAKE_CXX_COMPILER} -print-file-name=${_lib}
     OUTPUT_VARIABLE _path OUTPUT_STRIP_TRAILING_WHITESPACE)
+  if(NOT IS_ABSOLUTE "${_path}" OR NOT EXISTS "${_path}")
+    message(FATAL_ERROR "${CMAKE_CXX_COMPILER} does not know where ${_lib} is (got '${_path}')")
+  endif()
   list(APPEND _preload ${_path})
 endforeach()
 string(JOIN " " _preload ${_preload})

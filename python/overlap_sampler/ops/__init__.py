@@ -19,8 +19,7 @@ build_info = load_library()
 from . import _fake  # noqa: E402,F401  (fakes need the schemas loaded first)
 from ._fake import MAX_OUTPUT_ENTRIES, MAX_OUTPUT_WIDTH  # noqa: E402
 
-# The largest pos_weight: the op's weights output is float32.
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+from ._fake import FLOAT32_MAX  # noqa: E402  (the largest pos_weight: the weights are float32)
 
 _ops = torch.ops.overlap_sampler
 
@@ -234,7 +233,8 @@ def sample_from_uniforms(
 
 
 __all__ = [
-    "FLOAT32_MAX", "MAX_OUTPUT_ENTRIES", "MAX_OUTPUT_WIDTH", "NEGATIVE_STRATEGIES", "POSITIVE_STRATEGIES", "SampleResult", "assign_bins", "box_iou",
+    "FLOAT32_MAX", "MAX_OUTPUT_ENTRIES", "MAX_OUTPUT_WIDTH", "NEGATIVE_STRATEGIES", "POSITIVE_STRATEGIES",
+    "SampleResult", "assign_bins", "box_iou",
     "build_info", "max_iou", "sample", "sample_from_uniforms", "splits_from_counts",
     "weighted_sample",
 ]

@@ -25,6 +25,7 @@ def _check_splits(splits: torch.Tensor, name: str) -> None:
 # As cpp/checks.h: the widest padded output row and the most output entries.
 MAX_OUTPUT_WIDTH = 1 << 24
 MAX_OUTPUT_ENTRIES = (1 << 31) - 1
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _check_output_size(rows, width, name: str) -> None:
@@ -89,6 +90,13 @@ def _weighted_sample(weights, uniforms, splits, counts, max_count):
     return weights.new_empty((splits.shape[0] - 1, max_count), dtype=torch.int64)
 
 
+def _check_pos_weight(pos_weight) -> None:
+    # The one option whose bound is new to the fakes' callers: float32 weights.
+    torch._check_value(0.0 <= pos_weight <= FLOAT32_MAX,
+                       lambda: f"pos_weight must be a finite number in [0, {FLOAT32_MAX}] (the float32 maximum), "
+                               f"got {pos_weight}")
+
+
 def _sample_outputs(proposals, proposal_splits, gt_boxes, gt_splits, batch_size_per_image):
     _check_one_device(proposals=proposals, proposal_splits=proposal_splits, gt_boxes=gt_boxes,
                       gt_splits=gt_splits)
@@ -116,6 +124,7 @@ def _sample(proposals, proposal_splits, gt_boxes, gt_splits, *, batch_size_per_i
             positive_fraction=0.25, fg_iou_thresh=0.5, bg_iou_thresh=0.5, append_gt=True,
             neg_strategy="soft", pos_strategy="uniform", num_bins=2, hard_thresh=0.5,
             bin_upper=None, pos_weight=1.0, generator=None, pos_key="negatives", validate=True):
+    _check_pos_weight(pos_weight)
     return _sample_outputs(proposals, proposal_splits, gt_boxes, gt_splits, batch_size_per_image)
 
 
@@ -127,4 +136,5 @@ def _sample_from_uniforms(proposals, proposal_splits, gt_boxes, gt_splits, unifo
                           pos_weight=1.0, pos_key="negatives", validate=True):
     _check_one_device(uniforms=uniforms, proposals=proposals)
     torch._check(uniforms.dim() == 1, lambda: "uniforms must be 1-D")
+    _check_pos_weight(pos_weight)
     return _sample_outputs(proposals, proposal_splits, gt_boxes, gt_splits, batch_size_per_image)
