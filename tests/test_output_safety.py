@@ -94,7 +94,8 @@ def test_an_output_that_is_an_input_is_refused_naming_both(tmp_path, monkeypatch
     os.link(checkpoint, tmp_path / "hard.pth")
     os.symlink(checkpoint, tmp_path / "soft.pth")
     monkeypatch.chdir(tmp_path)
-    for output in (str(checkpoint), "run/last.pth", "run/../run/last.pth", "hard.pth", "soft.pth"):
+    # Every spelling of its entry (links to it are replaced, not written through: test_links_and_entries).
+    for output in (str(checkpoint), "run/last.pth", "run/../run/last.pth", "./run/last.pth"):
         with pytest.raises(ValueError, match=f"writing the TorchScript file {output} would overwrite the "
                                              f"checkpoint {checkpoint}, which this command reads: choose"):
             check_not_inputs([("TorchScript file", output)], [("checkpoint", str(checkpoint))])
@@ -186,3 +187,44 @@ def test_temporary_names_fit_long_file_names(tmp_path):
     assert len(os.fsencode(os.path.basename(tmp))) < 255 and io_safety._TEMPORARY.fullmatch(os.path.basename(tmp))
     write_json(str(tmp_path / long_name), {})
     assert os.listdir(tmp_path) == [long_name]
+
+
+def test_older_versions_names_are_removed_only_where_the_caller_names_older_files(tmp_path):
+    # Outside a training folder (no legacy names given) `.tmp_<pid>_<hex>.pth` may be another tool's.
+    dead, hex32 = dead_pid(), "0123456789abcdef" * 2
+    name = f".tmp_{dead}_{hex32}.pth"
+    (tmp_path / name).write_bytes(b"")
+    age(tmp_path / name, ABANDONED_AFTER_S + 10)
+    assert remove_stale_temporaries(str(tmp_path)) == []
+    assert remove_stale_temporaries(str(tmp_path), legacy_names=("metrics.json.tmp",)) == [str(tmp_path / name)]
+
+
+def test_a_read_only_destination_is_refused_not_replaced(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    path.write_text("published")
+    path.chmod(0o444)
+    # os.access as a user without write permission sees it (root may write anything).
+    real_access = os.access
+    monkeypatch.setattr(io_safety.os, "access",
+                        lambda p, mode, **kw: False if os.fspath(p) == str(path) else real_access(p, mode, **kw))
+    with pytest.raises(OutputError, match=f"cannot write output {path}: it is read-only"):
+        write_json(str(path), {"a": 1})
+    assert path.read_text() == "published" and os.listdir(tmp_path) == ["model.pt"]
+
+
+def test_links_and_entries(tmp_path):
+    """An output replaces its directory entry: a hard link or a link to an input is replaced and the
+    input kept; only an entry that is the input's real path clashes (or, for an appended output,
+    any name of the same file)."""
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"w")
+    hard, soft = tmp_path / "hard.pth", tmp_path / "soft.pth"
+    os.link(weights, hard)
+    os.symlink(weights, soft)
+    check_not_inputs([("output", str(hard)), ("output", str(soft))], [("weights", str(weights))])
+    with pytest.raises(ValueError, match="would overwrite the weights"):
+        check_not_inputs([("output", str(weights))], [("weights", str(soft))])  # what the link names
+    with pytest.raises(ValueError, match="would overwrite the weights"):
+        check_not_inputs([("log", str(hard))], [("weights", str(weights))], appended=[str(hard)])
+    write_json(str(hard), {"new": 1})
+    assert weights.read_bytes() == b"w"  # replaced the name, kept the file

@@ -398,6 +398,30 @@ def test_a_run_never_writes_over_its_inputs(tiny_data, tmp_path, capsys):
                                        f"{tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder\n")
 
 
+def test_inputs_are_compared_with_the_entries_a_run_replaces(tiny_data, tmp_path):
+    from overlap_sampler.engine.train import check_inputs_kept
+
+    out = tmp_path / "run"
+    out.mkdir()
+    checkpoint = out / "checkpoint_0000002.pth"
+    checkpoint.write_bytes(b"initial weights")
+    # A link elsewhere to a checkpoint the run writes: its target would be replaced.
+    link = tmp_path / "init.pth"
+    link.symlink_to(checkpoint)
+    with pytest.raises(ValueError, match=re.escape(f"the checkpoint {checkpoint} would overwrite the initial "
+                                                   f"weights {link}")):
+        train(tiny_config(tiny_data, out, weights=str(link)))
+    # Weights hard-linked as last_checkpoint.pth (as a run leaves its newest checkpoint), from an
+    # iteration this run does not reach: replacing last_checkpoint.pth gives that name a new file
+    # and leaves the weights' name and contents alone, so this is no clash (it was refused).
+    later = out / "checkpoint_0000100.pth"
+    checkpoint.rename(later)
+    os.link(later, out / "last_checkpoint.pth")
+    check_inputs_kept(tiny_config(tiny_data, out, weights=str(later)))
+    with pytest.raises(ValueError, match="would overwrite the initial weights"):  # but that name itself is
+        check_inputs_kept(tiny_config(tiny_data, out, weights=str(out / "last_checkpoint.pth")))
+
+
 def test_temporaries_of_killed_writes_are_removed_when_a_run_starts_there(tiny_data, tmp_path):
     from overlap_sampler.io_safety import STALE_AFTER_S
 

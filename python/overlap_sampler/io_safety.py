@@ -98,6 +98,10 @@ def _fsync_folder(folder: str) -> None:
 
 
 def _commit(tmp: str, path: str, what: str, fsync: bool) -> None:
+    # A replace needs only the folder writable: a file its owner made read-only (a published
+    # model, committed results) would be replaced silently where an in-place write is refused.
+    if os.path.isfile(path) and not os.path.islink(path) and not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write {what} {path}: it is read-only")
     try:
         os.replace(tmp, path)
     except OSError as e:
@@ -149,6 +153,7 @@ def atomic_path(path: str, *, fsync: bool = True, what: str = "output") -> Itera
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        os.utime(tmp)  # fresh: a slow writer's temporary must not look stale to another cleaner
         _commit(tmp, path, what, fsync)
     except BaseException:
         _remove_quietly(tmp)
@@ -249,15 +254,26 @@ def same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _entry(path: str) -> str:
+    """The directory entry that ``os.replace(tmp, path)`` replaces: ``path`` with its folder's links
+    resolved but not its own (a link named ``path`` is replaced, not what it points to)."""
+    return os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+
+
 def check_not_inputs(outputs: Iterable[tuple[str, Optional[str]]], inputs: Iterable[tuple[str, Optional[str]]],
-                     advice: str = "choose another output path") -> None:
-    """``ValueError`` if an output is one of the inputs (see :func:`same_file`).
+                     advice: str = "choose another output path", *, appended: Iterable[str] = ()) -> None:
+    """``ValueError`` if writing an output would change one of the inputs.
 
     ``outputs`` and ``inputs`` are ``(what, path)`` pairs (None paths are skipped), e.g.
     ``[("TorchScript file", "model.pt")]`` and ``[("checkpoint", "run/last_checkpoint.pth")]``; the
     message names both, e.g. "writing the TorchScript file x.pth would overwrite the checkpoint
-    x.pth, which this command reads: choose another output path". Linear in the number of paths.
+    x.pth, which this command reads: choose another output path". Outputs are written by replacing
+    their directory entry (:func:`atomic_write`), which changes an input only when the entry is
+    the input's real path: a hard link or a link to an input is replaced, the input kept. Outputs
+    written in place (``appended``: logs) change any name of the same file, so for them a shared
+    inode counts too. Linear in the number of paths.
     """
+    appended = {_entry(path) for path in appended}
     by_inode: dict[tuple[int, int], tuple[str, str]] = {}
     by_real: dict[str, tuple[str, str]] = {}
     for what, path in inputs:
@@ -270,8 +286,10 @@ def check_not_inputs(outputs: Iterable[tuple[str, Optional[str]]], inputs: Itera
     for what, path in outputs:
         if path is None:
             continue
-        hit = by_real.get(os.path.realpath(path))
-        if hit is None:
+        hit = by_real.get(_entry(path))
+        if hit is None and _entry(path) in appended:
+            hit = by_real.get(os.path.realpath(path))
+        if hit is None and _entry(path) in appended:
             with contextlib.suppress(OSError):
                 st = os.stat(path)
                 hit = by_inode.get((st.st_dev, st.st_ino))
@@ -299,8 +317,10 @@ def _running(pid: int) -> bool:
 
 
 def _writer_pid(name: str, legacy_names: Iterable[str]) -> tuple[bool, Optional[int]]:
-    """(whether ``name`` is a temporary name of ours, its writer's pid if the name holds one)."""
-    for pattern in (_TEMPORARY, *LEGACY_TEMPORARY):
+    """(whether ``name`` is a temporary name of ours, its writer's pid if the name holds one). The
+    older versions' patterns count only where ``legacy_names`` says the folder is one they wrote
+    in (a training folder): elsewhere such common names may be another tool's."""
+    for pattern in (_TEMPORARY, *(LEGACY_TEMPORARY if legacy_names else ())):
         match = pattern.fullmatch(name)
         if match:
             return True, int(match.group("pid"))

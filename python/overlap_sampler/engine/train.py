@@ -434,12 +434,15 @@ def check_inputs_kept(config: TrainConfig) -> None:
             names["val_annotations"] = "validation annotations"
     inputs = [(what, getattr(config, name)) for name, what in names.items() if getattr(config, name) is not None]
     outputs = [(f"output {name}", os.path.join(config.output_dir, name)) for name in OUTPUT_FILES + (LAST,)]
-    # Checkpoints by name: there may be thousands, and only a name of an input can be one.
+    # Checkpoints by name: there may be thousands, and only a name of an input (as given, or what
+    # a link given resolves to) can be one.
     for _, path in inputs:
-        match = re.fullmatch(r"checkpoint_([0-9]{7,})\.pth", os.path.basename(path))
-        if match and checkpoints_at(config, int(match.group(1))):
-            outputs.append(("checkpoint", os.path.join(config.output_dir, os.path.basename(path))))
-    check_not_inputs(outputs, inputs, advice="give another --output-dir")
+        for name in {os.path.basename(path), os.path.basename(os.path.realpath(path))}:
+            match = re.fullmatch(r"checkpoint_([0-9]{7,})\.pth", name)
+            if match and checkpoints_at(config, int(match.group(1))):
+                outputs.append(("checkpoint", os.path.join(config.output_dir, name)))
+    appended = [os.path.join(config.output_dir, name) for name in ("train.log", DIAGNOSTICS_CSV)]
+    check_not_inputs(outputs, inputs, advice="give another --output-dir", appended=appended)
 
 
 def _train(config: TrainConfig, info: D.DistInfo, closing: contextlib.ExitStack) -> dict[str, Any]:
