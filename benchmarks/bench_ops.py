@@ -190,7 +190,8 @@ def to_markdown(title, rows):
              ("|---" if named else "") + "|---|---|---|---|---|---|---|---|" + "---|" * gpu_header.count("|")]
     for r in rows:
         ref = r.get("per-image PyTorch (reference)")
-        cells = ([r["strategies"]] if named else []) + [r["B"], r["N"], r["G"], format_ms(r[ours]), format_ms(r["torchvision random path"]),
+        cells = ([r["strategies"]] if named else []) + [
+                 r["B"], r["N"], r["G"], format_ms(r[ours]), format_ms(r["torchvision random path"]),
                  format_ms(ref) if ref else "—", f"{ref / r[ours]:.1f}x" if ref else "—",
                  f"{r['torchvision random path'] / r[ours]:.2f}x"]
         if gpu:
@@ -214,7 +215,10 @@ def guard(path, device, repeats, margin):
         print(f"{path} was measured on {committed.get('device')}, this is {device_name(device)}: "
               f"compare like with like", file=sys.stderr)
         return 2
-    failed = False
+    if not 0 <= margin < 1:
+        print(f"--margin must be in [0, 1), got {margin}", file=sys.stderr)
+        return 2
+    failed, compared = False, 0
     for title, (b, n, g, strategies) in GUARDED.items():
         rows = [r for r in committed["sections"].get(title, []) if r.get("strategies") == strategies]
         if not rows:
@@ -224,8 +228,12 @@ def guard(path, device, repeats, margin):
         now = speedup(measure(b, n, g, device, repeats, with_reference=False, strategies=strategies))
         fell = now < before * (1 - margin)
         failed |= fell
+        compared += 1
         print(f"{title}{' ' + strategies if strategies else ''}: {now:.2f}x torchvision now, {before:.2f}x "
               f"committed ({now / before - 1:+.0%}){' SLOWER than the margin allows' if fell else ''}")
+    if not compared:
+        print(f"{path} holds none of the guarded cases: nothing compared", file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 

@@ -41,6 +41,23 @@ def test_guard_fails_when_slower_than_committed_and_passes_otherwise(bench_ops, 
     assert "SLOWER" not in capsys.readouterr().out
 
 
+def test_guard_margin_boundary(bench_ops, tmp_path, monkeypatch):
+    # Fixed timings: the guard compares speed-ups, so 2.0x committed at margin 0.25 allows down to 1.5x.
+    for now, expected in ((1.6, 0), (1.4, 1)):
+        monkeypatch.setattr(bench_ops, "measure", lambda *a, now=now, **k: {
+            "overlap_sampler.sample": 1.0, "torchvision random path": now})
+        assert bench_ops.guard(committed(bench_ops, tmp_path, 2.0), torch.device("cpu"), 1, 0.25) == expected
+
+
+def test_guard_compares_something_with_a_sane_margin(bench_ops, tmp_path):
+    path = committed(bench_ops, tmp_path, 1.0)
+    assert bench_ops.guard(path, torch.device("cpu"), 1, 1.0) == 2  # a margin of 1 could never fail
+    data = json.loads(path.read_text())
+    data["sections"] = {"scaling in B": data["sections"]["main"]}
+    path.write_text(json.dumps(data))
+    assert bench_ops.guard(path, torch.device("cpu"), 1, 0.25) == 2  # nothing to compare
+
+
 def test_guard_refuses_another_device(bench_ops, tmp_path):
     path = committed(bench_ops, tmp_path, 1.0)
     data = json.loads(path.read_text())

@@ -8,6 +8,7 @@ test_zeroing_negatives_can_lower_ap75), so only what holds by construction is as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
@@ -175,6 +176,14 @@ def test_the_hook_leaves_the_models_detections_and_is_removed():
     for a, b in zip(expected, actual):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert "postprocess_detections" not in vars(model.roi_heads) and model.roi_heads.nms_thresh == 0.55
+    # Another threshold inside, the model's own again after, also when the block raises.
+    for fails in (False, True):
+        with contextlib.suppress(RuntimeError):
+            with install_oracles(model, nms_thresh=0.3):
+                assert model.roi_heads.nms_thresh == 0.3
+                if fails:
+                    raise RuntimeError("a failing evaluation")
+        assert "postprocess_detections" not in vars(model.roi_heads) and model.roi_heads.nms_thresh == 0.55
     with pytest.raises(ValueError, match="nms_thresh must be an IoU in"):
         install_oracles(model, nms_thresh=1.5)
 
