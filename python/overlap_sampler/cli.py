@@ -124,6 +124,32 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig.from_dict(merge({}, overrides))
 
 
+def add_eval_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The validation data of `eval` and `analyze`: the checkpoint's own, the synthetic split, or given."""
+    parser.add_argument("--dataset", choices=("synthetic",), default=None,
+                        help="use the built-in synthetic validation split [without this and the --val-* flags: "
+                             "the validation set the checkpoint was trained with]")
+    parser.add_argument("--val-images", help="directory of the validation images (COCO format)")
+    parser.add_argument("--val-annotations", help="COCO instances json of the validation images")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and how a checkpoint runs over a dataset (`eval`, `analyze`)."""
+    parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N' [auto]")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per forward pass [2]")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def eval_data_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The data keywords of evaluate_checkpoint and upper_bound_checkpoint; usage errors for bad pairs."""
+    if args.dataset and (args.val_images or args.val_annotations):
+        parser.error("give either --dataset synthetic or --val-images/--val-annotations, not both")
+    if bool(args.val_images) != bool(args.val_annotations):
+        parser.error("--val-images and --val-annotations go together")
+    return dict(dataset=None if args.val_images else args.dataset or "checkpoint", val_images=args.val_images,
+                val_annotations=args.val_annotations)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="overlap-sampler", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,15 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, help="a checkpoint written by `train` (e.g. "
                                                         "output/train/last_checkpoint.pth), or a TorchScript "
                                                         "file written by `export` (give the data then)")
-    ev.add_argument("--dataset", choices=("synthetic",), default=None,
-                    help="evaluate on the built-in synthetic validation split [without this and the "
-                         "--val-* flags: the validation set the checkpoint was trained with]")
-    ev.add_argument("--val-images", help="directory of the validation images (COCO format)")
-    ev.add_argument("--val-annotations", help="COCO instances json of the validation images")
+    add_eval_data_arguments(ev)
     ev.add_argument("--output-dir", help="where eval_<checkpoint name>.json goes [the checkpoint's directory]")
-    ev.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N' [auto]")
-    ev.add_argument("--batch-size", type=int, default=2, help="images per forward pass [2]")
-    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(ev)
 
     ex = commands.add_parser("export", help="export a checkpoint to TorchScript (checked against eager)",
                              description="Script the detector of a checkpoint with torch.jit.script, save it "
@@ -189,18 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
                                          "their class above the NMS threshold: their IoU with the GT). Writes "
                                          "upper_bound.json and upper_bound.md.")
     ub.add_argument("--checkpoint", required=True, help="a checkpoint written by `train`")
-    ub.add_argument("--dataset", choices=("synthetic",), default=None,
-                    help="use the built-in synthetic validation split [without this and the --val-* flags: the "
-                         "validation set the checkpoint was trained with]")
-    ub.add_argument("--val-images", help="directory of the validation images (COCO format)")
-    ub.add_argument("--val-annotations", help="COCO instances json of the validation images")
+    add_eval_data_arguments(ub)
     ub.add_argument("--output-dir", help="where upper_bound.json and upper_bound.md go [analysis/ beside the "
                                          "checkpoint]")
     ub.add_argument("--nms-thresh", type=float, default=None,
                     help="test NMS IoU threshold of every row, also what 'overlapped' means [the model's own]")
-    ub.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N' [auto]")
-    ub.add_argument("--batch-size", type=int, default=2, help="images per forward pass [2]")
-    ub.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(ub)
 
     demo = commands.add_parser("demo", help="sample a crowded synthetic batch with every negative strategy")
     demo.add_argument("--images", type=int, default=8, help="images in the batch [8]")
@@ -240,16 +254,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if metrics.get("output_dir"):
             print(f"outputs in {metrics['output_dir']}")
     elif args.command == "eval":
-        if args.dataset and (args.val_images or args.val_annotations):
-            parser.error("give either --dataset synthetic or --val-images/--val-annotations, not both")
-        if bool(args.val_images) != bool(args.val_annotations):
-            parser.error("--val-images and --val-annotations go together")
+        data = eval_data_from_args(parser, args)
         from .engine.evaluate import evaluate_checkpoint
 
-        evaluate_checkpoint(args.checkpoint, dataset=None if args.val_images else args.dataset or "checkpoint",
-                            val_images=args.val_images, val_annotations=args.val_annotations,
-                            output_dir=args.output_dir, device=args.device, batch_size=args.batch_size,
-                            progress=not args.no_progress)
+        evaluate_checkpoint(args.checkpoint, **data, output_dir=args.output_dir, device=args.device,
+                            batch_size=args.batch_size, progress=not args.no_progress)
     elif args.command == "predict":
         from .engine.predict import predict_checkpoint
 
@@ -257,16 +266,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                            draw=not args.no_draw, device=args.device, batch_size=args.batch_size,
                            progress=not args.no_progress)
     elif args.command == "analyze":
-        if args.dataset and (args.val_images or args.val_annotations):
-            parser.error("give either --dataset synthetic or --val-images/--val-annotations, not both")
-        if bool(args.val_images) != bool(args.val_annotations):
-            parser.error("--val-images and --val-annotations go together")
+        data = eval_data_from_args(parser, args)
         from .analysis.upper_bound import upper_bound_checkpoint
 
-        upper_bound_checkpoint(args.checkpoint, dataset=None if args.val_images else args.dataset or "checkpoint",
-                               val_images=args.val_images, val_annotations=args.val_annotations,
-                               output_dir=args.output_dir, nms_thresh=args.nms_thresh, device=args.device,
-                               batch_size=args.batch_size, progress=not args.no_progress)
+        upper_bound_checkpoint(args.checkpoint, **data, output_dir=args.output_dir, nms_thresh=args.nms_thresh,
+                               device=args.device, batch_size=args.batch_size, progress=not args.no_progress)
     elif args.command == "export":
         from .engine.export import export_checkpoint
 
