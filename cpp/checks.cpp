@@ -66,15 +66,6 @@ void validate_finite(const at::Tensor& values, const char* name) {
                     " contains NaN or infinite values");
 }
 
-void validate_box_order(const at::Tensor& boxes, const char* name) {
-  if (boxes.numel() == 0) return;
-  const bool ordered = (boxes.select(1, 2) >= boxes.select(1, 0))
-                           .logical_and(boxes.select(1, 3) >= boxes.select(1, 1))
-                           .all()
-                           .item<bool>();
-  TORCH_CHECK_VALUE(ordered, name, " has a box with x2 < x1 or y2 < y1 (expected x1, y1, x2, y2)");
-}
-
 void validate_splits(const at::Tensor& splits, int64_t rows, const char* name) {
   // Contiguous: the raw reads below must see the values the kernels see (each
   // kernel reads splits.contiguous()), not the storage of a strided view.
@@ -94,6 +85,25 @@ void validate_uniforms(const at::Tensor& uniforms, const char* name) {
   if (uniforms.numel() == 0) return;
   TORCH_CHECK_VALUE(uniforms.ge(0).logical_and(uniforms.lt(1)).all().item<bool>(), name,
                     " must lie in [0, 1) (no NaN or infinity)");
+}
+
+void validate_sample_values(const at::Tensor& proposals, const at::Tensor& gt_boxes,
+                            const at::Tensor& uniforms) {
+  // Each .item() synchronises a GPU: the four verdicts come back in one copy. (An
+  // empty tensor passes each: all() of nothing is true.)
+  const at::Tensor gt_ordered = (gt_boxes.select(1, 2) >= gt_boxes.select(1, 0))
+                                    .logical_and(gt_boxes.select(1, 3) >= gt_boxes.select(1, 1))
+                                    .all();
+  const at::Tensor verdicts =
+      at::stack({at::isfinite(proposals).all(), at::isfinite(gt_boxes).all(), gt_ordered,
+                 uniforms.ge(0).logical_and(uniforms.lt(1)).all()})
+          .cpu()
+          .contiguous();
+  const bool* ok = verdicts.const_data_ptr<bool>();
+  TORCH_CHECK_VALUE(ok[0], "proposals contains NaN or infinite values");
+  TORCH_CHECK_VALUE(ok[1], "gt_boxes contains NaN or infinite values");
+  TORCH_CHECK_VALUE(ok[2], "gt_boxes has a box with x2 < x1 or y2 < y1 (expected x1, y1, x2, y2)");
+  TORCH_CHECK_VALUE(ok[3], "uniforms must lie in [0, 1) (no NaN or infinity)");
 }
 
 }  // namespace overlap_sampler

@@ -44,9 +44,12 @@ void check_mask(const std::optional<at::Tensor>& mask, int64_t rows, const at::T
 
 // Value checks (synchronise on CUDA).
 void validate_finite(const at::Tensor& values, const char* name);
-void validate_box_order(const at::Tensor& boxes, const char* name);  // x2>=x1, y2>=y1
 void validate_splits(const at::Tensor& splits, int64_t rows, const char* name);
 void validate_uniforms(const at::Tensor& uniforms, const char* name);  // in [0, 1), not NaN
+// sample_from_uniforms' value checks in one read of the device: finite proposals and GT boxes,
+// ordered GT boxes, uniforms in [0, 1). The same messages as the checks above.
+void validate_sample_values(const at::Tensor& proposals, const at::Tensor& gt_boxes,
+                            const at::Tensor& uniforms);
 
 // Every check of one op's arguments, shared by its CPU and CUDA kernels so the
 // two backends reject exactly the same inputs with the same messages.

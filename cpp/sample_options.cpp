@@ -121,10 +121,7 @@ int64_t check_sample_inputs(const at::Tensor& proposals, const at::Tensor& propo
     validate_splits(gt_splits, gt_boxes.size(0), "gt_splits");
   }
   if (validate) {
-    validate_finite(proposals, "proposals");
-    validate_finite(gt_boxes, "gt_boxes");
-    validate_box_order(gt_boxes, "gt_boxes");
-    validate_uniforms(uniforms, "uniforms");
+    validate_sample_values(proposals, gt_boxes, uniforms);
   }
   return examples;
 }
