@@ -41,6 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import boxes as box_ops
 
+from ..io_safety import write_json, write_text
+from ..ops import max_iou, splits_from_counts
+
 #: The oracles, in the order of the paper's Table 1.
 ORACLES = ("iou_balanced", "isr", "overlap")
 #: The rows of the table: the unchanged model, then each oracle.
@@ -64,8 +67,6 @@ MARKDOWN_NAME = "upper_bound.md"
 # ---------------------------------------------------------------------- the oracle, per image
 def _class_segments(labels: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:
     """(order sorting ``labels`` stably, splits [num_segments + 1] of the sorted rows by label)."""
-    from ..ops import splits_from_counts
-
     order = torch.argsort(labels, stable=True)
     counts = torch.bincount(labels, minlength=num_segments)
     return order, splits_from_counts(counts, device=labels.device)
@@ -74,8 +75,6 @@ def _class_segments(labels: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:
 def _max_iou_by_class(boxes: Tensor, labels: Tensor, keys: Tensor, key_labels: Tensor, *,
                       exclude_self: bool) -> Tensor:
     """Per box, its max IoU with the ``keys`` of its own label (0 where there is none)."""
-    from ..ops import max_iou
-
     if len(boxes) == 0:
         return boxes.new_zeros(0)
     num_segments = int(max(labels.max(), key_labels.max() if len(key_labels) else 0)) + 1
@@ -407,7 +406,6 @@ def upper_bound_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpo
     """
     from ..engine.checkpoint import is_torchscript_archive
     from ..engine.eval_inputs import load_eval_inputs
-    from ..io_safety import write_json, write_text
 
     if nms_thresh is not None:
         nms_thresh = check_nms_thresh(nms_thresh)
