@@ -156,6 +156,11 @@ NON_DEFAULT_CONFIGS = {  # each setting the op would otherwise take at its own d
 }
 
 
+# The op's arguments that are sampler settings (SamplerConfig fields of the same name).
+OP_SETTINGS = sorted({a.name for a in torch.ops.overlap_sampler.sample.default._schema.arguments}
+                     & {f.name for f in dataclasses.fields(SamplerConfig)})
+
+
 @pytest.mark.parametrize("name", list(NON_DEFAULT_CONFIGS))
 def test_every_sampler_setting_reaches_the_op(name, monkeypatch):
     config = NON_DEFAULT_CONFIGS[name]
@@ -169,9 +174,8 @@ def test_every_sampler_setting_reaches_the_op(name, monkeypatch):
     monkeypatch.setattr(torch.ops.overlap_sampler, "sample", recording_sample)
     props, targets = _inputs([200, 80], [4, 2], seed=7)
     _head(config).select_weighted_training_samples(props, targets)
-    for field in dataclasses.fields(SamplerConfig):
-        if field.name != "sampler":
-            assert seen[field.name] == getattr(config, field.name), field.name
+    for name in OP_SETTINGS:
+        assert seen[name] == getattr(config, name), name
 
     # And the head's samples are the op's for those settings (same generator state).
     head = _head(config)
@@ -179,7 +183,7 @@ def test_every_sampler_setting_reaches_the_op(name, monkeypatch):
     props, targets = _inputs([300, 150], [6, 3], seed=7)
     boxes = head.select_weighted_training_samples(props, targets)[0]
     all_gt = torch.cat([t["boxes"] for t in targets])
-    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(SamplerConfig) if f.name != "sampler"}
+    settings = {name: getattr(config, name) for name in OP_SETTINGS}
     res = op(torch.cat(props), overlap_sampler.splits_from_counts([len(p) for p in props]), all_gt,
              overlap_sampler.splits_from_counts([len(t["boxes"]) for t in targets]),
              generator=torch.Generator().manual_seed(3), **settings)
@@ -469,10 +473,14 @@ def test_state_dict_hooks_are_not_carried_but_named():
     model.load_state_dict(model.state_dict())  # no hook of a dead module is called
 
 
-def test_install_sampler_names_what_random_ignores():
-    with pytest.warns(UserWarning, match=r"sampler='random' runs torchvision's sampler, which ignores "
-                                         r"num_bins=5, pos_weight=3.0$"):
-        install_sampler(_mobilenet(), SamplerConfig(sampler="random", num_bins=5, pos_weight=3.0))
+def test_a_random_config_with_method_settings_is_refused():
+    # torchvision's sampler would silently ignore them.
+    with pytest.raises(ValueError, match=r"sampler='random' does not read num_bins=5, pos_weight=3.0:"):
+        SamplerConfig(sampler="random", num_bins=5, pos_weight=3.0)
+    config = SamplerConfig(sampler="random")
+    config.num_bins = 5  # changed after construction: install_sampler validates again
+    with pytest.raises(ValueError, match=r"does not read num_bins=5"):
+        install_sampler(_mobilenet(), config)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the defaults a plain SamplerConfig(sampler="random") holds
         install_sampler(_mobilenet(), SamplerConfig(sampler="random"))
@@ -492,10 +500,10 @@ def test_install_sampler_arguments():
 
 
 def test_random_heads_report_the_method_that_runs():
-    """torchvision's sampler has no strategies or ε: a random head stores the preset's values."""
+    """torchvision's sampler has no strategies or ε: a random head stores the preset's values
+    (uniform, ε = 1), not the defaults a plain SamplerConfig(sampler="random") holds."""
     plain = RoIHeads(None, None, None, 0.6, 0.4, 64, 0.5, None, 0.05, 0.5, 100)
-    given = SamplerConfig(sampler="random", neg_strategy="linear", num_bins=5, pos_weight=3.0,
-                          batch_size_per_image=64, positive_fraction=0.5, fg_iou_thresh=0.6, bg_iou_thresh=0.4)
+    given = SamplerConfig(sampler="random", batch_size_per_image=64, positive_fraction=0.5, fg_iou_thresh=0.6, bg_iou_thresh=0.4)
     head = OverlapRoIHeads.from_roi_heads(plain, given)
     assert head.sampler_config() == dataclasses.replace(SamplerConfig.preset("random"), batch_size_per_image=64,
                                                         positive_fraction=0.5, fg_iou_thresh=0.6,

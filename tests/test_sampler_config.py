@@ -32,7 +32,7 @@ def test_every_positive_strategy_is_accepted(strategy):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("sampler", "libra"),
+    ("sampler", "libra_rcnn"),
     ("neg_strategy", "softer"),
     ("pos_strategy", "iou_balanced"),  # defined for negatives only
     ("pos_key", "positives"),
@@ -89,8 +89,8 @@ def test_presets():
     assert SamplerConfig.preset("random").sampler == "random"
     iou = SamplerConfig.preset("iou_balanced")
     assert (iou.sampler, iou.neg_strategy, iou.pos_strategy, iou.pos_weight) == (
-        "overlap", "iou_balanced", "uniform", 1.0)
-    for name in ("overlap", "random", "iou_balanced"):
+        "iou_balanced", "iou_balanced", "uniform", 1.0)
+    for name in ("overlap", "random", "iou_balanced", "libra", "ohem", "isr"):
         SamplerConfig.preset(name).validate()
     with pytest.raises(ValueError, match="preset 'best'"):
         SamplerConfig.preset("best")

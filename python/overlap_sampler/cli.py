@@ -21,24 +21,6 @@ from typing import Any
 
 from .io_safety import OutputError
 
-# Help texts of the [sampler] settings (the SamplerConfig fields; `sampler` itself is the --sampler preset).
-SAMPLER_HELP = {
-    "neg_strategy": "strategy for negatives by their IoU_p,n: uniform, hard, soft (Eq. 2), soft_reference, "
-                    "linear (Eq. 3) or iou_balanced",
-    "pos_strategy": "strategy for positives by their max IoU with the negatives (same list, no iou_balanced)",
-    "num_bins": "K, the number of equal IoU bins of the soft strategies (1 = uniform)",
-    "hard_thresh": "theta of the hard strategy: candidates with key >= theta are drawn first",
-    "bin_upper": "fixed upper end of the soft bins (paper footnote 3: 0.7); default: each image's max key",
-    "pos_weight": "epsilon, loss weight of the best sampled positive of each ground truth (1 = off)",
-    "pos_key": "a positive's key is its max IoU with the 'negatives' of its image or with 'all' other examples",
-    "batch_size_per_image": "RoIs sampled per image for the RoI-head losses (paper: 512; the small CPU default: 128)",
-    "positive_fraction": "at most round(batch_size_per_image * positive_fraction) positives per image",
-    "fg_iou_thresh": "IoU with the best ground truth >= this: positive",
-    "bg_iou_thresh": "IoU with the best ground truth < this: negative",
-}
-SAMPLER_PRESETS = ("overlap", "random", "iou_balanced")
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -56,10 +38,9 @@ def _arg_type(type_str: str):
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (help from its metadata) and per sampler setting; every default is
     ``argparse.SUPPRESS`` so that only the flags actually given override the config file."""
-    from . import NEGATIVE_STRATEGIES, POSITIVE_STRATEGIES
     from .detection import BACKBONES
     from .engine.config import ARCHS, DATASETS, TrainConfig, default_sampler
-    from .sampling import POSITIVE_KEYS, SamplerConfig
+    from .sampling import SAMPLERS, SamplerConfig
 
     parser.add_argument("--config", help="TOML or JSON config file (keys = the flags below with underscores; "
                                          "sampler settings in a [sampler] table); flags override it")
@@ -75,25 +56,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} [{default}]", **kwargs)
     sampler = parser.add_argument_group("RoI sampler settings (the [sampler] table)")
-    sampler.add_argument("--sampler", dest="sampler__preset", choices=SAMPLER_PRESETS, default=argparse.SUPPRESS,
-                         help="sampling method preset: overlap (paper's best: soft K=2 for both, epsilon 2), "
-                              "random (torchvision's sampler) or iou_balanced (Libra R-CNN). It replaces the "
-                              "method settings of the config file's [sampler] table (strategies, bins, "
-                              "epsilon, ...) but keeps its RoI budget and IoU thresholds; the flags below "
+    sampler.add_argument("--sampler", dest="sampler__preset", choices=SAMPLERS, default=argparse.SUPPRESS,
+                         help="the sampler, with its preset: overlap (the paper's best: soft K=2 for both, "
+                              "epsilon 2), iou_balanced (the op with Libra's IoU-balanced negatives), random "
+                              "(torchvision's), libra (Libra R-CNN as mmdetection), ohem (online hard example "
+                              "mining) or isr (PISA). It replaces the method settings of the config file's "
+                              "[sampler] table but keeps its RoI budget and IoU thresholds; the flags below "
                               "refine it [overlap]")
     defaults = default_sampler()
-    sampler_choices = {"neg_strategy": NEGATIVE_STRATEGIES, "pos_strategy": POSITIVE_STRATEGIES,
-                       "pos_key": POSITIVE_KEYS}
     for f in dataclasses.fields(SamplerConfig):
         if f.name == "sampler":
             continue
         kwargs = _arg_type(str(f.type))
-        if f.name in sampler_choices:
-            kwargs["choices"] = tuple(sampler_choices[f.name])
-        else:
+        if f.metadata["choices"]:
+            kwargs["choices"] = tuple(f.metadata["choices"])
+        elif "action" not in kwargs:
             kwargs.setdefault("metavar", f.name.upper())
+        used_by = f.metadata["used_by"]
+        reader = "" if used_by == SAMPLERS else f" ({', '.join(used_by)})"
         sampler.add_argument(_flag(f.name), dest="sampler__" + f.name, default=argparse.SUPPRESS,
-                             help=f"{SAMPLER_HELP.get(f.name, f.name)} [{getattr(defaults, f.name)}]", **kwargs)
+                             help=f"{f.metadata['help']}{reader} [{getattr(defaults, f.name)}]", **kwargs)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

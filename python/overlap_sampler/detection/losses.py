@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +14,7 @@ def weighted_fastrcnn_loss(
     labels: list[torch.Tensor],
     regression_targets: list[torch.Tensor],
     weights: list[torch.Tensor],
+    box_weights: Optional[list[torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """torchvision's ``fastrcnn_loss`` with each RoI's loss multiplied by its weight.
 
@@ -23,7 +26,10 @@ def weighted_fastrcnn_loss(
         regression_targets: per image, ``[R_i, 4]`` encoded deltas (only rows
             of positives are read).
         weights: per image, float ``[R_i]``: ε for the best sampled positive
-            of each GT, 1 otherwise.
+            of each GT, 1 otherwise (or the sampler's weights).
+        box_weights: per image, float ``[R_i]`` weights of the box loss, when
+            they differ from ``weights`` (PISA's ISR-P reweights only the
+            classification of positives); None = ``weights``.
 
     Returns:
         ``(classifier_loss, box_loss)`` scalars. classifier: sum over RoIs of
@@ -59,5 +65,6 @@ def weighted_fastrcnn_loss(
     labels_pos = labels_all[pos]
     per_coord = F.smooth_l1_loss(box_regression[pos, labels_pos], targets_all[pos], beta=1 / 9,
                                  reduction="none")
-    box_loss = (per_coord.sum() + ((weights_all[pos] - 1.0)[:, None] * per_coord).sum()) / normaliser
+    box_weights_all = weights_all if box_weights is None else torch.cat(box_weights, dim=0).to(torch.float32)
+    box_loss = (per_coord.sum() + ((box_weights_all[pos] - 1.0)[:, None] * per_coord).sum()) / normaliser
     return classification_loss, box_loss

@@ -9,8 +9,9 @@ gather of boxes, labels, regression targets and loss weights. Everything else
 from __future__ import annotations
 
 import dataclasses
+import typing
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -23,9 +24,22 @@ from torchvision.models.detection.roi_heads import (
     maskrcnn_loss,
 )
 
-from ..sampling.config import BUDGET_FIELDS, METHOD_FIELDS, SamplerConfig
+from ..sampling.config import BUDGET_FIELDS, SamplerConfig
+from ..sampling.examples import ExampleBatch, match_examples
+from ..sampling.rivals import SCORE_CHUNK, SCORING_SAMPLERS, isr_loss_terms, select_rival
 from .diagnostics import SampledBatch, from_torchvision_samples
 from .losses import weighted_fastrcnn_loss
+
+
+# The head holds each SamplerConfig field as a typed attribute (TorchScript cannot hold a dataclass).
+_SETTING_TYPES = typing.get_type_hints(SamplerConfig)
+
+
+def _as_attribute(name: str, value: Any) -> Any:
+    # TorchScript types the attributes from the annotations: 2 for a float setting must be 2.0.
+    if isinstance(value, int) and not isinstance(value, bool) and _SETTING_TYPES[name] in (float, Optional[float]):
+        return float(value)
+    return value
 
 
 class OverlapRoIHeads(RoIHeads):
@@ -39,12 +53,16 @@ class OverlapRoIHeads(RoIHeads):
     plain typed attributes (``sampler``, ``neg_strategy``, ..., ``bg_iou_thresh``)
     because TorchScript cannot hold a dataclass; :meth:`sampler_config` gives it back.
 
-    Training (``self.training``):
-      * ``sampler == "overlap"``: one ``torch.ops.overlap_sampler.sample`` call
-        for the batch (GT boxes appended as examples), losses through
-        :func:`weighted_fastrcnn_loss`;
-      * ``sampler == "random"``: torchvision's own sampling, unchanged, and
-        all-ones weights (the loss then equals torchvision's).
+    Training (``self.training``), by ``sampler``:
+      * ``"overlap"`` / ``"iou_balanced"``: one ``torch.ops.overlap_sampler.sample``
+        call for the batch (GT boxes appended as examples);
+      * ``"random"``: torchvision's own sampling, unchanged, and all-ones
+        weights (the loss then equals torchvision's);
+      * ``"libra"``, ``"ohem"``, ``"isr"``: the rival samplers of
+        :mod:`overlap_sampler.sampling.rivals` (eager mode only; ``ohem`` and
+        ``isr`` score the candidates with this head's box branch, no grad).
+      Every sampler's picks go through the same gather and one weighted loss,
+      :func:`weighted_fastrcnn_loss`.
       After each training forward ``last_num_pos`` / ``last_num_neg`` hold the
       sampled fg / bg counts per image (int64 ``[B]``, on the boxes' device).
     Inference is torchvision's, unchanged (the test NMS threshold is ``nms_thresh``).
@@ -71,18 +89,7 @@ class OverlapRoIHeads(RoIHeads):
     # subclass's own annotations hide its base's: repeat torchvision's.
     __annotations__ = {
         **RoIHeads.__annotations__,
-        "sampler": str,
-        "neg_strategy": str,
-        "pos_strategy": str,
-        "num_bins": int,
-        "hard_thresh": float,
-        "bin_upper": Optional[float],
-        "pos_weight": float,
-        "pos_key": str,
-        "batch_size_per_image": int,
-        "positive_fraction": float,
-        "fg_iou_thresh": float,
-        "bg_iou_thresh": float,
+        **typing.get_type_hints(SamplerConfig),
         "validate_inputs": bool,
         "record_samples": bool,
         "last_num_pos": Tensor,
@@ -158,23 +165,11 @@ class OverlapRoIHeads(RoIHeads):
         ``"random"`` path uses the same thresholds and budget. With
         ``sampler="random"`` the method fields (strategies, bins, ε, ...) are
         stored as the ``"random"`` preset's, which is what torchvision's sampler
-        does, so that :meth:`sampler_config` reports what runs."""
-        config.validate()
-        if config.sampler == "random":
-            preset = SamplerConfig.preset("random")
-            config = dataclasses.replace(preset, **{name: getattr(config, name) for name in BUDGET_FIELDS})
-        self.sampler = config.sampler
-        self.neg_strategy = config.neg_strategy
-        self.pos_strategy = config.pos_strategy
-        self.num_bins = int(config.num_bins)
-        self.hard_thresh = float(config.hard_thresh)
-        self.bin_upper = None if config.bin_upper is None else float(config.bin_upper)
-        self.pos_weight = float(config.pos_weight)
-        self.pos_key = config.pos_key
-        self.batch_size_per_image = int(config.batch_size_per_image)
-        self.positive_fraction = float(config.positive_fraction)
-        self.fg_iou_thresh = float(config.fg_iou_thresh)
-        self.bg_iou_thresh = float(config.bg_iou_thresh)
+        does, so that :meth:`sampler_config` reports what runs (every sampler:
+        :meth:`SamplerConfig.normalized`)."""
+        config = config.validate().normalized()
+        for name, value in config.to_dict().items():
+            setattr(self, name, _as_attribute(name, value))
         self.proposal_matcher = det_utils.Matcher(self.fg_iou_thresh, self.bg_iou_thresh,
                                                   allow_low_quality_matches=False)
         self.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(self.batch_size_per_image,
@@ -182,13 +177,7 @@ class OverlapRoIHeads(RoIHeads):
 
     def sampler_config(self) -> SamplerConfig:
         """The current settings as a :class:`SamplerConfig`."""
-        return SamplerConfig(
-            sampler=self.sampler, neg_strategy=self.neg_strategy, pos_strategy=self.pos_strategy,
-            num_bins=self.num_bins, hard_thresh=self.hard_thresh, bin_upper=self.bin_upper,
-            pos_weight=self.pos_weight, pos_key=self.pos_key,
-            batch_size_per_image=self.batch_size_per_image, positive_fraction=self.positive_fraction,
-            fg_iou_thresh=self.fg_iou_thresh, bg_iou_thresh=self.bg_iou_thresh,
-        )
+        return SamplerConfig(**{name: getattr(self, name) for name in _SETTING_TYPES})
 
     def extra_repr(self) -> str:
         # The attributes as they are: printing must work even after an invalid edit.
@@ -250,12 +239,19 @@ class OverlapRoIHeads(RoIHeads):
         self,
         proposals: list[Tensor],
         targets: Optional[list[dict[str, Tensor]]],
+        features: Optional[dict[str, Tensor]] = None,
+        image_shapes: Optional[list[tuple[int, int]]] = None,
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-        """The RoIs the box head trains on, per image.
+        """The RoIs the box head trains on, per image: the one place where the sampler plugs in.
 
         Args:
             proposals: per image, RPN proposals ``[n_i, 4]`` (x1, y1, x2, y2).
             targets: per image, ``boxes`` ``[g_i, 4]`` float and ``labels`` int64 ``[g_i]``.
+            features / image_shapes: the box head's inputs, needed by the samplers that score the
+                candidates with the box head (``ohem``, ``isr``).
+
+        The chosen sampler returns its picks in the ``sample`` op's layout (``random`` runs
+        torchvision's own code); the gather below is shared.
 
         Returns:
             ``(boxes, matched_idxs, labels, regression_targets, weights)``, lists
@@ -263,7 +259,7 @@ class OverlapRoIHeads(RoIHeads):
             included), index of the matched GT *within the image* (int64, 0 for
             negatives, as torchvision), labels (int64, 0 = background),
             ``box_coder`` targets ``[r_i, 4]`` (zeros for negatives) and loss
-            weights (float32, ε / 1). Also sets ``last_num_pos`` / ``last_num_neg``.
+            weights (float32: ε / 1, or the sampler's). Also sets ``last_num_pos`` / ``last_num_neg``.
         """
         if self.sampler == "random":
             return self._torchvision_training_samples(proposals, targets)
@@ -271,29 +267,47 @@ class OverlapRoIHeads(RoIHeads):
         if targets is None:
             raise ValueError("targets should not be None")
         dtype = proposals[0].dtype
-        device = proposals[0].device
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
-        num_images = len(proposals)
-        gt_counts = [g.shape[0] for g in gt_boxes]
+        if self.sampler == "overlap" or self.sampler == "iou_balanced":
+            indices, matched_gt, weights, num_pos, num_neg = self._overlap_selection(proposals, targets)
+        elif torch.jit.is_scripting():
+            raise RuntimeError("this sampler is written in Python and trains in eager mode only; a scripted "
+                               "model trains with sampler 'overlap', 'iou_balanced' or 'random'")
+        else:
+            indices, matched_gt, weights, num_pos, num_neg = self._rival_selection(
+                proposals, targets, features, image_shapes)
+        self.last_num_pos = num_pos
+        self.last_num_neg = num_neg
+        if not torch.jit.is_scripting():
+            if self.record_samples:
+                self._record(torch.cat(proposals).float(), [p.shape[0] for p in proposals],
+                             torch.cat([t["boxes"] for t in targets]).float(), [g.shape[0] for g in gt_boxes],
+                             indices, num_pos, weights)
+        return self._gather_samples(proposals, gt_boxes, gt_labels, indices, matched_gt, weights, num_pos, num_neg)
 
-        all_proposals = torch.cat(proposals)
-        all_gt = torch.cat(gt_boxes)
-        num_proposals = all_proposals.shape[0]
-        num_gt = all_gt.shape[0]
-
+    def _overlap_selection(
+        self,
+        proposals: list[Tensor],
+        targets: list[dict[str, Tensor]],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One ``torch.ops.overlap_sampler.sample`` call for the batch (GT boxes appended)."""
+        device = proposals[0].device
         # Under autocast the proposals are 16-bit: match and sample in float32
         # (GT boxes at their own precision), as bfloat16 coordinates near 1000 px
         # are 4 px apart and the op takes no bfloat16.
-        if dtype == torch.float16 or dtype == torch.bfloat16:
-            sample_proposals = all_proposals.float()
-            sample_gt = torch.cat([t["boxes"] for t in targets]).float()
+        sample_proposals = torch.cat(proposals)
+        sample_gt = torch.cat([t["boxes"] for t in targets])
+        if sample_proposals.dtype == torch.float16 or sample_proposals.dtype == torch.bfloat16:
+            sample_proposals = sample_proposals.float()
+            sample_gt = sample_gt.float()
         else:
-            sample_proposals = all_proposals
-            sample_gt = all_gt
+            sample_gt = sample_gt.to(sample_proposals.dtype)
+        # The op's own arguments (its C++ schema): each is a SamplerConfig field of the same name;
+        # tests/test_sampler_settings.py checks that every op setting is passed.
         indices, matched_gt, weights, num_pos, num_neg = torch.ops.overlap_sampler.sample(
             sample_proposals, _splits([p.shape[0] for p in proposals], device),
-            sample_gt, _splits(gt_counts, device),
+            sample_gt, _splits([t["boxes"].shape[0] for t in targets], device),
             batch_size_per_image=self.batch_size_per_image,
             positive_fraction=self.positive_fraction,
             fg_iou_thresh=self.fg_iou_thresh,
@@ -309,12 +323,75 @@ class OverlapRoIHeads(RoIHeads):
             pos_key=self.pos_key,
             validate=self.validate_inputs,
         )
-        self.last_num_pos = num_pos
-        self.last_num_neg = num_neg
-        if not torch.jit.is_scripting():
-            if self.record_samples:
-                self._record(sample_proposals, [p.shape[0] for p in proposals], sample_gt, gt_counts, indices,
-                             num_pos, weights)
+        return indices, matched_gt, weights, num_pos, num_neg
+
+    @torch.jit.unused
+    def _rival_selection(
+        self,
+        proposals: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        features: Optional[dict[str, Tensor]],
+        image_shapes: Optional[list[tuple[int, int]]],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The Python samplers (``libra``, ``ohem``, ``isr``; eager mode only), in the op's layout."""
+        batch = match_examples(proposals, [t["boxes"] for t in targets], [t["labels"] for t in targets],
+                               self.fg_iou_thresh, self.bg_iou_thresh)
+        scorer = None
+        if self.sampler in SCORING_SAMPLERS:
+            if features is None or image_shapes is None:
+                raise ValueError(f"sampler {self.sampler!r} scores the candidates with the box head: pass "
+                                 "features and image_shapes to select_weighted_training_samples")
+            scorer = self._box_scorer(batch, features, image_shapes, proposals[0].dtype)
+        return tuple(select_rival(self.sampler_config(), batch, scorer, self.box_coder, self._generator()))
+
+    @torch.jit.unused
+    def _box_scorer(self, batch: ExampleBatch, features: dict[str, Tensor], image_shapes: list[tuple[int, int]],
+                    dtype: torch.dtype) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """``rows -> (class_logits, box_regression)`` of those examples by the box head, without grad,
+        in chunks of ``SCORE_CHUNK`` RoIs so that memory stays bounded for any number of proposals.
+        The head keeps its mode (as the OHEM and PISA reference code)."""
+        num_images = batch.num_images
+
+        def score(rows: Tensor) -> tuple[Tensor, Tensor]:
+            logits, deltas = [], []
+            with torch.no_grad():
+                for chunk in rows.split(SCORE_CHUNK):
+                    order = torch.argsort(batch.image[chunk], stable=True)
+                    counts = torch.bincount(batch.image[chunk], minlength=num_images).tolist()
+                    per_image = list(batch.boxes[chunk[order]].to(dtype).split(counts))
+                    pooled = self.box_head(self.box_roi_pool(features, per_image, image_shapes))
+                    chunk_logits, chunk_deltas = self.box_predictor(pooled)
+                    back = torch.argsort(order)
+                    logits.append(chunk_logits.float()[back])
+                    deltas.append(chunk_deltas.float()[back])
+            if not logits:
+                num_classes = self.box_predictor.cls_score.out_features
+                return rows.new_zeros((0, num_classes), dtype=torch.float32), \
+                    rows.new_zeros((0, 4 * num_classes), dtype=torch.float32)
+            return torch.cat(logits), torch.cat(deltas)
+
+        return score
+
+    def _gather_samples(
+        self,
+        proposals: list[Tensor],
+        gt_boxes: list[Tensor],
+        gt_labels: list[Tensor],
+        indices: Tensor,
+        matched_gt: Tensor,
+        weights: Tensor,
+        num_pos: Tensor,
+        num_neg: Tensor,
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Boxes, labels, regression targets and weights of the picks (op layout), per image."""
+        dtype = proposals[0].dtype
+        device = proposals[0].device
+        num_images = len(proposals)
+        gt_counts = [g.shape[0] for g in gt_boxes]
+        all_proposals = torch.cat(proposals)
+        all_gt = torch.cat(gt_boxes)
+        num_proposals = all_proposals.shape[0]
+        num_gt = all_gt.shape[0]
 
         # Gather over the whole batch at once. A dummy unit box ends both the
         # example table (target of -1 padding) and the GT table (target of
@@ -343,7 +420,7 @@ class OverlapRoIHeads(RoIHeads):
         # Each row holds its samples as a prefix (positives, negatives, then
         # -1 padding): one host read of the counts, then plain slices.
         counts: list[int] = (num_pos + num_neg).tolist()
-        width = self.batch_size_per_image
+        width = indices.shape[1]
         out_boxes: list[Tensor] = []
         out_matched: list[Tensor] = []
         out_labels: list[Tensor] = []
@@ -401,6 +478,26 @@ class OverlapRoIHeads(RoIHeads):
                 self._record_torchvision(with_gt, gt_boxes, sampled_inds, labels)
         return proposals, matched_idxs, labels, list(regression_targets), weights
 
+    @torch.jit.unused
+    def _isr_loss_terms(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        boxes: list[Tensor],
+        matched_idxs: list[Tensor],
+        labels: list[Tensor],
+        regression_targets: list[Tensor],
+        weights: list[Tensor],
+        targets: Optional[list[dict[str, Tensor]]],
+    ) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
+        """PISA's terms that need the box head's output on the sampled RoIs: ISR-P's classification
+        weights of the positives (their box-loss weights stay 1; the negatives keep ISR-N's weights
+        from the sampler) and, with ``carl``, the CARL loss."""
+        if targets is None:
+            raise ValueError("targets should not be None")
+        return isr_loss_terms(self.sampler_config(), class_logits, box_regression, boxes, matched_idxs, labels,
+                              regression_targets, weights, [t["boxes"] for t in targets], self.box_coder)
+
     def forward(
         self,
         features: dict[str, torch.Tensor],
@@ -425,7 +522,7 @@ class OverlapRoIHeads(RoIHeads):
 
         if self.training:
             proposals, matched_idxs, labels, regression_targets, weights = self.select_weighted_training_samples(
-                proposals, targets)
+                proposals, targets, features, image_shapes)
         else:
             labels = None
             regression_targets = None
@@ -437,7 +534,7 @@ class OverlapRoIHeads(RoIHeads):
         class_logits, box_regression = self.box_predictor(box_features)
 
         result: list[dict[str, torch.Tensor]] = []
-        losses = {}
+        losses: dict[str, Tensor] = {}
         if self.training:
             if labels is None:
                 raise ValueError("labels cannot be None")
@@ -445,9 +542,15 @@ class OverlapRoIHeads(RoIHeads):
                 raise ValueError("regression_targets cannot be None")
             if weights is None:
                 raise ValueError("weights cannot be None")
+            box_weights: Optional[list[Tensor]] = None
+            if not torch.jit.is_scripting():
+                if self.sampler == "isr":
+                    weights, box_weights, losses = self._isr_loss_terms(
+                        class_logits, box_regression, proposals, matched_idxs, labels, regression_targets,
+                        weights, targets)
             loss_classifier, loss_box_reg = weighted_fastrcnn_loss(
-                class_logits, box_regression, labels, regression_targets, weights)
-            losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+                class_logits, box_regression, labels, regression_targets, weights, box_weights)
+            losses.update({"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg})
         else:
             boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
             num_images = len(boxes)
@@ -567,8 +670,10 @@ def install_sampler(model: nn.Module, config: Optional[SamplerConfig | str] = No
     ``config=None`` installs the Overlap Sampler's defaults (the ``"overlap"``
     preset) with the head's own training-sample settings: batch size per
     image, positive fraction and IoU thresholds (an :class:`OverlapRoIHeads`
-    keeps its whole config). A preset name (``"overlap"``, ``"random"``,
-    ``"iou_balanced"``) does the same with that preset's method. A
+    keeps its whole config). A sampler's name (one of
+    :data:`overlap_sampler.sampling.SAMPLERS`: ``"overlap"``, ``"iou_balanced"``,
+    ``"random"``, ``"libra"``, ``"ohem"``, ``"isr"``) does the same with that
+    sampler's preset. A
     :class:`SamplerConfig` is installed as given; where its training-sample
     settings differ from the head's, a ``UserWarning`` names each change, so a
     model built with, say, ``box_batch_size_per_image=256`` does not silently
@@ -576,8 +681,7 @@ def install_sampler(model: nn.Module, config: Optional[SamplerConfig | str] = No
 
     What the new head cannot keep is named in a ``UserWarning``: state-dict
     hooks, the methods of a ``RoIHeads`` subclass, a matcher that allows
-    low-quality matches, a replaced ``fg_bg_sampler``, and method settings of a
-    ``"random"`` config that torchvision's sampler ignores.
+    low-quality matches and a replaced ``fg_bg_sampler``.
     """
     roi_heads = getattr(model, "roi_heads", None)
     if not isinstance(roi_heads, RoIHeads):
@@ -605,7 +709,7 @@ def install_sampler(model: nn.Module, config: Optional[SamplerConfig | str] = No
     if changed:
         warnings.warn(f"install_sampler: the config replaces the model's {', '.join(changed)}; pass a "
                       "SamplerConfig with the model's values (or config=None) to keep them", stacklevel=2)
-    for note in _not_kept(roi_heads) + _ignored_by_random(config):
+    for note in _not_kept(roi_heads):
         warnings.warn(f"install_sampler: {note}", stacklevel=2)
     head = OverlapRoIHeads.from_roi_heads(roi_heads, config)
     _carry_hooks(roi_heads, head)
@@ -630,20 +734,6 @@ def _not_kept(roi_heads: RoIHeads) -> list[str]:
         notes.append(f"the head's fg_bg_sampler ({type(roi_heads.fg_bg_sampler).__name__}) is replaced by the "
                      "configured sampler")
     return notes
-
-
-def _ignored_by_random(config: SamplerConfig) -> list[str]:
-    """Method settings of a ``"random"`` config that torchvision's sampler ignores: those set to
-    neither the default nor the preset's value (the defaults are what ``SamplerConfig(sampler=
-    "random")`` holds)."""
-    if config.sampler != "random":
-        return []
-    default, preset = SamplerConfig(), SamplerConfig.preset("random")
-    ignored = [f"{name}={getattr(config, name)!r}" for name in METHOD_FIELDS
-               if getattr(config, name) not in (getattr(default, name), getattr(preset, name))]
-    if not ignored:
-        return []
-    return [f"sampler='random' runs torchvision's sampler, which ignores {', '.join(ignored)}"]
 
 
 # nn.Module's forward and backward hook tables. The new head shares them, so handles returned before

@@ -229,16 +229,16 @@ class TrainConfig:
         if not isinstance(self.sampler, SamplerConfig):
             bad("sampler", "a SamplerConfig")
         self.sampler.validate()
-        if self.sampler.sampler == "random":
-            # torchvision's own sampling runs then: every method setting would be silently ignored, so
-            # each must keep the "random" preset's value.
-            preset = SamplerConfig.preset("random")
-            ignored = [f"{name}={getattr(self.sampler, name)!r}" for name in METHOD_FIELDS
-                       if getattr(self.sampler, name) != getattr(preset, name)]
-            if ignored:
-                raise ValueError(f"TrainConfig.sampler: sampler='random' runs torchvision's sampler, which has "
-                                 f"no {', '.join(ignored)}; use sampler='overlap' with uniform strategies, "
-                                 "or drop those settings")
+        # A file or flag that sets what the chosen sampler does not read would be silently ignored:
+        # each such setting must keep the preset's value (SamplerConfig alone also accepts defaults).
+        preset = SamplerConfig.preset(self.sampler.sampler)
+        ignored = [f"{f.name}={getattr(self.sampler, f.name)!r}" for f in dataclasses.fields(SamplerConfig)
+                   if self.sampler.sampler not in f.metadata["used_by"]
+                   and getattr(self.sampler, f.name) != getattr(preset, f.name)]
+        if ignored:
+            raise ValueError(f"TrainConfig.sampler: sampler={self.sampler.sampler!r} does not read "
+                             f"{', '.join(ignored)}; drop {'it' if len(ignored) == 1 else 'them'} or choose a "
+                             "sampler that does")
         for name in ("min_size", "max_size", "iterations", "batch_size", "checkpoint_every", "log_every",
                      "eval_batch_size"):
             if not (is_int(getattr(self, name)) and getattr(self, name) > 0):
@@ -303,7 +303,8 @@ def sampler_from_value(value: Any) -> SamplerConfig:
     if not isinstance(value, dict):
         raise ValueError(f"TrainConfig.sampler must be a table/dict or a preset name, got {value!r}")
     value = dict(value)
-    preset = value.pop("preset", None)
+    # `sampler = "libra"` in a file means libra's preset, as `--sampler libra` does.
+    preset = value.pop("preset", None) or value.get("sampler")
     base = default_sampler().to_dict()
     if preset is not None:
         base = apply_preset(base, preset)

@@ -1,5 +1,6 @@
-"""Sampler settings: :class:`SamplerConfig` (see ``sampling/config.py``)."""
+"""Sampler settings (:class:`SamplerConfig`, ``sampling/config.py``) and the rival samplers
+(``libra``, ``ohem``, ``isr``) that run beside the Overlap Sampler op."""
 
-from .config import POSITIVE_KEYS, SAMPLERS, SamplerConfig
+from .config import BUDGET_FIELDS, METHOD_FIELDS, OHEM_VARIANTS, POSITIVE_KEYS, PRESETS, SAMPLERS, SamplerConfig
 
-__all__ = ["POSITIVE_KEYS", "SAMPLERS", "SamplerConfig"]
+__all__ = ["BUDGET_FIELDS", "METHOD_FIELDS", "OHEM_VARIANTS", "POSITIVE_KEYS", "PRESETS", "SAMPLERS", "SamplerConfig"]
