@@ -3,7 +3,7 @@
 difference with the baseline (same seed: same initial weights and data order, only the sampler
 changes). One seed is an anecdote; the spread across seeds says how much of a gap is noise.
 
-    python benchmarks/sampler_ab.py                       # random, iou_balanced, overlap x seeds 0 1 2
+    python benchmarks/sampler_ab.py                       # the six samplers x seeds 0 1 2
     python benchmarks/sampler_ab.py --seeds 0 1 2 3 4 --jobs 2
     python benchmarks/sampler_ab.py --variant hard="--neg-strategy hard" --variant linear="--neg-strategy linear"
 
@@ -30,7 +30,8 @@ from tqdm import tqdm
 from overlap_sampler.io_safety import OutputError, prepare_output_dir, write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PRESETS = {"random": "--sampler random", "iou_balanced": "--sampler iou_balanced", "overlap": "--sampler overlap"}
+# Every sampler the head offers, the baseline (torchvision's random sampler) first.
+PRESETS = {name: f"--sampler {name}" for name in ("random", "iou_balanced", "libra", "ohem", "isr", "overlap")}
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
 
 
@@ -73,7 +74,10 @@ def train_once(name: str, flags: str, seed: int, common: list[str], run_dir: Pat
                                f"command: {shlex.join(cmd)}")
         print(f"{name} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     metrics = json.loads(eval_file.read_text())
-    return {"variant": name, "seed": seed, **{k: {m: 100 * v[m] for m in METRICS} for k, v in metrics.items()}}
+    # Training time per iteration (evaluation excluded), from the run's last logged entry.
+    last = json.loads((run_dir / "metrics.json").read_text())["history"][-1]
+    return {"variant": name, "seed": seed, "seconds_per_iter": last["time"] / last["iteration"],
+            **{k: {m: 100 * v[m] for m in METRICS} for k, v in metrics.items()}}
 
 
 def spread(values: list[float]) -> str:
@@ -89,17 +93,19 @@ def report(runs: list[dict], variants: list[tuple[str, str]], seeds: list[int], 
              f"`{shlex.join(['overlap-sampler', 'train', *common])}` + the variant's flags, `--seed N --threads 1`. "
              f"AP in percent on the validation set; mean ± sample standard deviation over seeds. "
              f"Δ {base}: the paired difference with `{base}` at the same seed (mean ± std, and in how many "
-             f"seeds the variant is higher).", ""]
+             f"seeds the variant is higher). s/iter: training seconds per iteration (evaluation excluded), "
+             f"mean over seeds, runs side by side on a shared machine: compare them within one table only.", ""]
     for kind in kinds:
-        lines += [f"## {kind}", "", "| variant | flags | " + " | ".join(METRICS) + f" | Δ AP vs {base} | higher |",
-                  "|---|---|" + "---|" * len(METRICS) + "---|---|"]
+        lines += [f"## {kind}", "", "| variant | flags | " + " | ".join(METRICS) + f" | Δ AP vs {base} | higher "
+                  "| s/iter |", "|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
         for name, flags in variants:
             cells = [spread([by[name, s][kind][m] for s in seeds]) for m in METRICS]
             diffs = [by[name, s][kind]["AP"] - by[base, s][kind]["AP"] for s in seeds]
             delta = "—" if name == base else f"{statistics.fmean(diffs):+.1f} ± {statistics.stdev(diffs):.1f}" \
                 if len(diffs) > 1 else f"{diffs[0]:+.1f}"
             higher = "—" if name == base else f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
-            lines.append(f"| `{name}` | `{flags}` | " + " | ".join(cells) + f" | {delta} | {higher} |")
+            seconds = statistics.fmean(by[name, s]["seconds_per_iter"] for s in seeds)
+            lines.append(f"| `{name}` | `{flags}` | " + " | ".join(cells) + f" | {delta} | {higher} | {seconds:.3f} |")
         lines += ["", f"{kind} AP of each run:", "", "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
                   "|---|" + "---|" * len(seeds)]
         for name, _ in variants:
@@ -111,8 +117,8 @@ def report(runs: list[dict], variants: list[tuple[str, str]], seeds: list[int], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", type=parse_variant, metavar="NAME[=FLAGS]",
-                        help="a preset (random, iou_balanced, overlap) or NAME=\"train flags\"; repeatable; "
-                             "the first is the baseline of the paired differences [random iou_balanced overlap]")
+                        help=f"a sampler ({', '.join(PRESETS)}) or NAME=\"train flags\"; repeatable; "
+                             f"the first is the baseline of the paired differences [{' '.join(PRESETS)}]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each [2]")
     parser.add_argument("--train-args", default="", help="flags given to every run, e.g. \"--arch maskrcnn\"")

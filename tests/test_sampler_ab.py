@@ -24,15 +24,19 @@ def ab():
 TRAIN_ARGS = "--dataset synthetic --data-root /nonexistent"  # keeps the script from generating the dataset
 
 
-def write_eval(run_dir: Path, ap: float, segm: bool = False, flags: str | None = None) -> None:
-    """A finished run: its eval.json as `train` writes it (fractions, not percent), and the settings
-    record the script writes (the preset named by the folder, TRAIN_ARGS, the seed)."""
+def write_eval(run_dir: Path, ap: float, segm: bool = False, flags: str | None = None,
+               seconds: float = 150.0) -> None:
+    """A finished run: its eval.json and metrics.json as `train` writes them (fractions, not percent;
+    1500 iterations in ``seconds``), and the settings record the script writes (the preset named by the
+    folder, TRAIN_ARGS, the seed)."""
     run_dir.mkdir(parents=True)
     name, seed = run_dir.name.rsplit("-seed", 1)
     flags = f"--sampler {name} {TRAIN_ARGS}" if flags is None else flags
     (run_dir / "ab_settings.json").write_text(json.dumps({"train_flags": flags.split(), "seed": int(seed)}))
     metrics = {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.1, "APs": ap, "APm": ap, "APl": -1.0}
     (run_dir / "eval.json").write_text(json.dumps({"bbox": metrics, **({"segm": metrics} if segm else {})}))
+    (run_dir / "metrics.json").write_text(json.dumps({"history": [{"iteration": 750, "time": seconds / 3},
+                                                                  {"iteration": 1500, "time": seconds}]}))
 
 
 def run_main(ab, monkeypatch, *argv: str) -> None:
@@ -42,9 +46,10 @@ def run_main(ab, monkeypatch, *argv: str) -> None:
 
 def test_finished_runs_are_read_and_summarised(ab, tmp_path, monkeypatch):
     aps = {"random": [0.30, 0.32, 0.28], "overlap": [0.36, 0.35, 0.37]}
+    seconds = {"random": [150.0, 180.0, 120.0], "overlap": [300.0, 300.0, 300.0]}
     for name, values in aps.items():
         for seed, ap in enumerate(values):
-            write_eval(tmp_path / "runs" / f"{name}-seed{seed}", ap)
+            write_eval(tmp_path / "runs" / f"{name}-seed{seed}", ap, seconds=seconds[name][seed])
     run_main(ab, monkeypatch, "--variant", "random", "--variant", "overlap", "--seeds", "0", "1", "2",
              "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--name", "t")
 
@@ -56,7 +61,8 @@ def test_finished_runs_are_read_and_summarised(ab, tmp_path, monkeypatch):
     assert rows["`overlap`"][0] == f"{statistics.fmean(overlap):.1f} ± {statistics.stdev(overlap):.1f}"
     assert rows["`overlap`"][5] == f"{statistics.fmean(diffs):+.1f} ± {statistics.stdev(diffs):.1f}"
     assert rows["`overlap`"][6] == "3/3"
-    assert rows["`random`"][5:] == ["—", "—"]
+    assert rows["`random`"][5:] == ["—", "—", "0.100"]  # s/iter: the mean of 150, 180, 120 s / 1500
+    assert rows["`overlap`"][7] == "0.200"
     assert "segm" not in table
     saved = json.loads((tmp_path / "out" / "ab-t.json").read_text())
     assert {(r["variant"], r["seed"]) for r in saved["runs"]} == {(n, s) for n in aps for s in range(3)}
