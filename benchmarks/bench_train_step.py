@@ -1,9 +1,10 @@
-"""A detector training step with the Overlap Sampler against torchvision's random sampler, side by side:
+"""A detector training step with each sampler against torchvision's random sampler, side by side:
 the time of a whole step with each, and the share of the step spent choosing the RoI-head examples.
 
     python benchmarks/bench_train_step.py                       # the default run's model: small, 128 px, CPU
     python benchmarks/bench_train_step.py --backbone resnet50_fpn --size 800 1333 --batch 2 --rois 512
     python benchmarks/bench_train_step.py --device cuda --amp --backbone resnet50_fpn --size 800 1333 --batch 2
+    python benchmarks/bench_train_step.py --samplers random overlap libra ohem isr    # the rivals' extra cost
 
 Both models start from the same random weights and train on the same images and targets (random images,
 `--gt` random boxes each); their steps alternate so that drift of the machine hits both alike. An untrained
@@ -12,14 +13,15 @@ weigh; so by default (`--proposals crowded`) half of each image's proposals are 
 around its GT boxes, as a trained RPN's cluster (fixed per image, made once). A step is
 forward, backward and an SGD update (a tiny learning rate keeps the random model finite). The sampling time
 is the head's `select_weighted_training_samples` (the op and the gather for `overlap`; matching and
-`BalancedPositiveNegativeSampler` for `random`), measured in extra steps with a device synchronisation
-around it. Writes `benchmarks/results/train-step-<device>-<model>.md` and `.json`.
+`BalancedPositiveNegativeSampler` for `random`; for `ohem` and `isr` also their no-grad scoring forward of
+the box head over every candidate), measured in extra steps with a device synchronisation around it. Writes `benchmarks/results/train-step-<device>-<model>.md` and `.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import time
@@ -30,6 +32,7 @@ from tqdm import tqdm
 
 from bench_ops import device_name
 from overlap_sampler import SamplerConfig
+from overlap_sampler.sampling import SAMPLERS
 from overlap_sampler.detection import build_detector
 from overlap_sampler.io_safety import OutputError, prepare_output_dir, write_json, write_text
 from overlap_sampler.testing import jitter_around
@@ -113,10 +116,10 @@ class TrainStep:
         heads = self.model.roi_heads
         select = heads.select_weighted_training_samples
 
-        def timed(proposals, targets):
+        def timed(proposals, targets, *box_inputs):
             synchronize(self.device)
             start = time.perf_counter()
-            result = select(proposals, targets)
+            result = select(proposals, targets, *box_inputs)
             synchronize(self.device)
             self.sampling_times.append(time.perf_counter() - start)
             return result
@@ -136,6 +139,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=4, help="classes including background [4]")
     parser.add_argument("--proposals", default="crowded", choices=("crowded", "rpn"),
                         help="half the proposals jittered around the GT boxes, or the untrained RPN's [crowded]")
+    parser.add_argument("--samplers", nargs="+", default=["overlap", "random"], choices=SAMPLERS,
+                        help="samplers to compare, each with its preset [overlap random]; random is always "
+                             "added as the baseline")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="float16 autocast + GradScaler (CUDA)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of torch [1]")
@@ -155,15 +161,17 @@ def main() -> None:
 
     short, long = args.size
     torch.manual_seed(0)
-    overlap = build_detector(args.arch, args.classes, backbone=args.backbone, min_size=short, max_size=long,
-                             sampler=SamplerConfig(batch_size_per_image=args.rois))
-    baseline = copy.deepcopy(overlap)
-    baseline.roi_heads.set_sampler(SamplerConfig(sampler="random", batch_size_per_image=args.rois))
-    for model in (overlap, baseline):
+    first = build_detector(args.arch, args.classes, backbone=args.backbone, min_size=short, max_size=long,
+                           sampler=SamplerConfig(batch_size_per_image=args.rois))
+    names = list(dict.fromkeys([*args.samplers, "random"]))
+    steps = {}
+    for name in names:  # the same initial weights for every sampler
+        model = copy.deepcopy(first)
+        model.roi_heads.set_sampler(dataclasses.replace(SamplerConfig.preset(name), batch_size_per_image=args.rois))
         model.roi_heads.validate_inputs = device.type != "cuda"  # as `overlap-sampler train`
         if args.proposals == "crowded":
             crowd_the_proposals(model, 0.5)
-    steps = {"overlap": TrainStep(overlap, device, args.amp), "random": TrainStep(baseline, device, args.amp)}
+        steps[name] = TrainStep(model, device, args.amp)
     images, targets = make_batch(args.batch, (short, long), args.gt, args.classes, device)
     if args.arch == "maskrcnn":
         for image, target in zip(images, targets):
@@ -204,8 +212,8 @@ def main() -> None:
     for name, r in rows.items():
         lines.append(f"| `{name}` | {r['step_s'] * 1e3:.1f} | {r['sampling_s'] * 1e3:.2f} | {100 * r['share']:.2f} % | "
                      f"{r['fg']:.1f} / {r['bg']:.1f} |")
-    ratio = rows["overlap"]["step_s"] / rows["random"]["step_s"]
-    lines += ["", f"Step time overlap / random: {ratio:.3f}."]
+    lines += ["", "Step time of each sampler / random's: " + ", ".join(
+        f"{name} {rows[name]['step_s'] / rows['random']['step_s']:.3f}" for name in rows if name != "random") + "."]
     report = "\n".join(lines) + "\n"
     stem = f"train-step-{device_name(device)}-{model_name}"
     write_text(str(args.out / f"{stem}.md"), report)

@@ -36,7 +36,8 @@ def test_crowded_proposals_cluster_on_the_objects(bench):
     images, targets = bench.make_batch(2, (96, 96), 6, 4, "cpu")
     seen = []
     select = model.roi_heads.select_weighted_training_samples
-    model.roi_heads.select_weighted_training_samples = lambda p, t: seen.append([x.clone() for x in p]) or select(p, t)
+    model.roi_heads.select_weighted_training_samples = \
+        lambda p, t, *rest: seen.append([x.clone() for x in p]) or select(p, t, *rest)
     model(images, targets)  # the RPN's own proposals
     bench.crowd_the_proposals(model, 0.5)
     model(images, targets)
@@ -63,15 +64,18 @@ def test_an_unwritable_results_folder_fails_before_measuring(bench, tmp_path, mo
             "is a file, not a folder") in capsys.readouterr().err
 
 
-def test_tiny_comparison_writes_both_samplers(bench, tmp_path, monkeypatch):
+def test_tiny_comparison_writes_every_sampler(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench_train_step.py", "--size", "64", "64", "--batch", "2", "--gt", "4",
-                                      "--rois", "32", "--warmup", "0", "--steps", "2", "--out", str(tmp_path)])
+                                      "--rois", "32", "--warmup", "0", "--steps", "2", "--out", str(tmp_path),
+                                      "--samplers", "overlap", "libra", "ohem", "isr"])
     bench.main()
     [report] = tmp_path.glob("train-step-cpu-*-fasterrcnn-small-64x64-b2.md")
     rows = json.loads(report.with_suffix(".json").read_text())["rows"]
-    assert rows.keys() == {"overlap", "random"}
-    for row in rows.values():
+    assert list(rows) == ["overlap", "libra", "ohem", "isr", "random"]
+    for name, row in rows.items():
         assert 0 < row["sampling_s"] < row["step_s"] and row["share"] == row["sampling_s"] / row["step_s"]
-        assert 0 < row["fg"] <= 8 and row["fg"] + row["bg"] == 32  # at most a quarter of 32 positives
+        if name != "ohem":  # the paper's OHEM shares its budget over the batch: no per-image fraction
+            assert 0 < row["fg"] <= 8 and row["fg"] + row["bg"] == 32  # at most a quarter of 32 positives
     text = report.read_text()
-    assert "| `overlap` |" in text and "| `random` |" in text and "Step time overlap / random" in text
+    assert "| `overlap` |" in text and "| `random` |" in text and "Step time of each sampler / random's: overlap" \
+        in text

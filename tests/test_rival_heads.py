@@ -166,3 +166,33 @@ def test_ddp_trains_with_a_random_rival(tiny_data, tmp_path):
     state = load_checkpoint(str(out / "last_checkpoint.pth"))
     assert state["iteration"] == 2 and state["world_size"] == 2
     assert state["config"]["sampler"]["sampler"] == "isr"
+
+
+def test_the_box_head_scores_in_bounded_chunks_in_the_callers_row_order(monkeypatch):
+    # The no-grad scoring forward sees at most SCORE_CHUNK RoIs at a time (memory bounded for any
+    # number of proposals) and returns each row's scores in the order asked, across images.
+    import overlap_sampler.detection.roi_heads as roi_heads
+    from overlap_sampler.sampling.examples import match_examples
+
+    model = _model(RIVALS["ohem"]).eval()
+    images, targets = _tiny_batch("fasterrcnn", [2, 3], seed=4)
+    image_list, _ = model.transform(images)
+    features = model.backbone(image_list.tensors)
+    proposals = [torch.rand(90, 2) * 40 for _ in range(2)]
+    proposals = [torch.cat([p, p + 5 + torch.rand(90, 2) * 20], 1) for p in proposals]
+    batch = match_examples(proposals, [t["boxes"] for t in targets], [t["labels"] for t in targets], 0.5, 0.5)
+    rows = torch.randperm(batch.boxes.shape[0], generator=torch.Generator().manual_seed(0))
+    sizes = []
+    model.roi_heads.box_head.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    monkeypatch.setattr(roi_heads, "SCORE_CHUNK", 37)
+    logits, deltas = model.roi_heads._box_scorer(batch, features, image_list.image_sizes, torch.float32)(rows)
+    assert max(sizes) <= 37 and sum(sizes) == rows.numel()
+    with torch.no_grad():  # one image at a time, all of its rows in one call: the plain way
+        for b in range(2):
+            mine = rows[batch.image[rows] == b]
+            single = [batch.boxes[mine] if k == b else batch.boxes[:0] for k in range(2)]
+            want_logits, want_deltas = model.roi_heads.box_predictor(model.roi_heads.box_head(
+                model.roi_heads.box_roi_pool(features, single, image_list.image_sizes)))
+            where = batch.image[rows] == b
+            torch.testing.assert_close(logits[where], want_logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(deltas[where], want_deltas, rtol=1e-5, atol=1e-5)
