@@ -73,7 +73,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         elif "action" not in kwargs:
             kwargs.setdefault("metavar", f.name.upper())
         used_by = f.metadata["used_by"]
-        reader = "" if used_by == SAMPLERS else f" ({', '.join(used_by)})"
+        reader = "" if used_by == SAMPLERS else f" (read by {', '.join(used_by)})"
         sampler.add_argument(_flag(f.name), dest="sampler__" + f.name, default=argparse.SUPPRESS,
                              help=f"{f.metadata['help']}{reader} [{getattr(defaults, f.name)}]", **kwargs)
 

@@ -107,7 +107,8 @@ class SamplerConfig:
     batch_size_per_image: int = setting(512, "RoIs sampled per image for the RoI-head losses (paper: 512)",
                                         used_by=ALL, low=1, high=MAX_OUTPUT_WIDTH)
     positive_fraction: float = setting(0.25, "at most round(batch_size_per_image * positive_fraction) positives "
-                                             "per image", used_by=ALL, low=0.0, high=1.0)
+                                             "per image (libra, ohem 'mmdet', isr: int(), as mmdetection; "
+                                             "ohem 'paper': unused)", used_by=ALL, low=0.0, high=1.0)
     fg_iou_thresh: float = setting(0.5, "IoU with the best ground truth >= this: positive", used_by=ALL,
                                    low=0.0, high=1.0)
     bg_iou_thresh: float = setting(0.5, "IoU with the best ground truth < this: negative", used_by=ALL,
