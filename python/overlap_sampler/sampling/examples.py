@@ -128,3 +128,26 @@ def pack_selection(batch: ExampleBatch, rows: Tensor, weights: Tensor, width: in
     matched[image, column] = torch.where(positive, batch.matched_gt[rows], torch.full_like(rows, -1))
     out_weights[image, column] = weights
     return SampleResult(indices, matched, out_weights, num_pos, counts - num_pos)
+
+
+def segment_rank(segments: Sequence[Tensor], keys: Sequence[Tensor]) -> Tensor:
+    """Rank (0-based, int64) of each element inside its segment, by ``keys`` ascending lexicographically.
+
+    ``segments``: int tensors ``[n]`` whose value tuple names the segment; ``keys``: tensors ``[n]``, the
+    first the most significant. Full ties keep index order (stable sorts).
+    """
+    n = segments[0].shape[0]
+    device = segments[0].device
+    order = torch.arange(n, device=device)
+    # Stable sorts, least significant first: keys (last to first), then the segment columns (last to first).
+    for key in list(reversed(list(keys))) + list(reversed(list(segments))):
+        order = order[torch.argsort(key[order], stable=True)]
+    position = torch.arange(n, device=device)
+    new = position == 0
+    for column in segments:
+        sorted_column = column[order]
+        new[1:] |= sorted_column[1:] != sorted_column[:-1]
+    start = torch.cummax(torch.where(new, position, torch.zeros_like(position)), 0).values
+    rank = torch.empty_like(order)
+    rank[order] = position - start
+    return rank

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ import torchvision
 from torch import Tensor
 
 from ..ops import SampleResult
-from .examples import ExampleBatch, pack_selection
+from .examples import ExampleBatch, pack_selection, segment_rank
 
 Scorer = Callable[[Tensor], Tuple[Tensor, Tensor]]
 
@@ -111,29 +111,6 @@ def _loss_preserving_ratio(ce: Tensor, weights: Tensor, segment: Tensor, num_seg
                        torch.ones_like(total))
 
 
-def _segment_rank(segments: Sequence[Tensor], keys: Sequence[Tensor]) -> Tensor:
-    """Rank (0-based, int64) of each element inside its segment, by ``keys`` ascending lexicographically.
-
-    ``segments``: int tensors ``[n]`` whose value tuple names the segment; ``keys``: tensors ``[n]``, the
-    first the most significant. Full ties keep index order (stable sorts).
-    """
-    n = segments[0].shape[0]
-    device = segments[0].device
-    order = torch.arange(n, device=device)
-    # Stable sorts, least significant first: keys (last to first), then the segment columns (last to first).
-    for key in list(reversed(list(keys))) + list(reversed(list(segments))):
-        order = order[torch.argsort(key[order], stable=True)]
-    position = torch.arange(n, device=device)
-    new = position == 0
-    for column in segments:
-        sorted_column = column[order]
-        new[1:] |= sorted_column[1:] != sorted_column[:-1]
-    start = torch.cummax(torch.where(new, position, torch.zeros_like(position)), 0).values
-    rank = torch.empty_like(order)
-    rank[order] = position - start
-    return rank
-
-
 def _uniform_pick(candidate: Tensor, segment: Tensor, quota: Tensor, uniforms: Tensor) -> Tensor:
     """bool ``[n]``: ``min(quota[seg], |seg|)`` members of each segment, uniformly (smallest uniforms).
 
@@ -143,7 +120,7 @@ def _uniform_pick(candidate: Tensor, segment: Tensor, quota: Tensor, uniforms: T
     picked = torch.zeros_like(candidate)
     idx = candidate.nonzero().squeeze(1)
     if idx.numel():
-        rank = _segment_rank([segment[idx]], [uniforms[idx]])
+        rank = segment_rank([segment[idx]], [uniforms[idx]])
         picked[idx] = rank < quota[segment[idx]]
     return picked
 
@@ -229,8 +206,8 @@ def score_hlr_rank(boxes: Tensor, scores: Tensor, image: Tensor, num_images: int
                 leader[local] = local[_nms_match_leaders(boxes[local].float(), scores[local].float(), iou_thresh)]
             start += count
     is_member = (leader != torch.arange(n, device=device)).to(torch.int64)
-    rho = _segment_rank([leader], [is_member, -scores])
-    rank = _segment_rank([image], [rho, -scores])
+    rho = segment_rank([leader], [is_member, -scores])
+    rank = segment_rank([image], [rho, -scores])
     return rho, rank
 
 
@@ -397,8 +374,8 @@ def isr_p_weights(class_logits: Tensor, box_regression: Tensor, labels: Tensor, 
     regressed = box_coder.decode_single(deltas, rois.detach().float())
     iou = _aligned_iou(regressed, gt_boxes.detach().float())
     n_max = torch.bincount(labels).max().double()
-    rho = _segment_rank([labels, gt_ids.to(torch.int64)], [-iou])
-    rank = _segment_rank([labels], [rho, -iou])
+    rho = segment_rank([labels, gt_ids.to(torch.int64)], [-iou])
+    rank = segment_rank([labels], [rho, -iou])
     mapped = importance_mapping((n_max - rank.double()) / n_max, float(k), float(bias))
     ce = F.cross_entropy(class_logits, labels, reduction="none")
     ratio = _loss_preserving_ratio(ce, mapped, torch.zeros_like(labels), 1)

@@ -65,14 +65,14 @@ import torch
 from torch import Tensor
 
 from ..ops import SampleResult
-from .examples import ExampleBatch, pack_selection
+from .examples import ExampleBatch, pack_selection, segment_rank
 
 __all__ = ["libra_select"]
 
 # One row of random keys per random step, so that no step reuses another's draws.
 _K_PER_GT, _K_POS_FILL, _K_BIN, _K_BAL_FILL, _K_FLOOR, _K_NEG_FILL = range(6)
 _NUM_KEYS = 6
-_KEY_BITS = 31  # keys are int64 in [0, 2**31): composite keys stay exact for < 2**32 segments
+_KEY_BITS = 31  # random keys: int64 in [0, 2**31)
 
 
 def _check_args(batch_size_per_image, positive_fraction, num_bins, floor_thresh, floor_fraction) -> None:
@@ -95,22 +95,6 @@ def _check_args(batch_size_per_image, positive_fraction, num_bins, floor_thresh,
         raise ValueError(f"floor_fraction must be a number in [0, 1], got {floor_fraction!r}")
 
 
-def _segment_rank(segment: Tensor, key: Tensor, num_segments: int) -> Tensor:
-    """int64 ``[E]``: the rank of each element by ``key`` (ascending) among the elements of its segment.
-
-    segment: int64 ``[E]`` in ``[0, num_segments]``; ``num_segments`` marks "in no pool" (its ranks
-    are meaningless). key: int64 ``[E]`` in ``[0, 2**31)``. One stable argsort of the exact int64
-    composite ``segment * 2**31 + key``; equal keys (probability ~n^2 / 2^32 in a pool of n) fall back
-    to row order.
-    """
-    order = torch.argsort((segment << _KEY_BITS) | key, stable=True)
-    counts = torch.bincount(segment, minlength=num_segments + 1)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(segment)
-    rank[order] = torch.arange(segment.shape[0], device=segment.device) - starts[segment[order]]
-    return rank
-
-
 def _draw(pool: Tensor, group: Tensor, quota: Tensor, key: Tensor, num_groups: int) -> Tensor:
     """bool ``[E]``: a uniform ``min(quota[g], |pool in g|)``-subset of each group ``g`` of ``pool``.
 
@@ -118,7 +102,7 @@ def _draw(pool: Tensor, group: Tensor, quota: Tensor, key: Tensor, num_groups: i
     (negative counts as 0); key: the step's own random int64 keys ``[E]``.
     """
     segment = torch.where(pool, group, torch.full_like(group, num_groups))
-    rank = _segment_rank(segment, key, num_groups)
+    rank = segment_rank([segment], [key])
     return pool & (rank < quota[group])
 
 

@@ -48,7 +48,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from ..ops import SampleResult
-from .examples import ExampleBatch, pack_selection
+from .examples import ExampleBatch, pack_selection, segment_rank
 
 Scorer = Callable[[Tensor], Tuple[Tensor, Tensor]]
 
@@ -115,19 +115,6 @@ def _check_args(batch_size_per_image: int, positive_fraction: float, variant: st
             raise ValueError(f"nms_thresh must lie in (0, 1] or be None, got {nms_thresh!r}")
 
 
-def _segment_rank(segment: Tensor, loss: Tensor, num_segments: int) -> Tuple[Tensor, Tensor]:
-    """Order by (segment asc, loss desc, row asc) and each element's rank inside its segment.
-
-    Returns ``order`` (int64 ``[K]``, a permutation) and ``rank`` (int64 ``[K]``, rank of ``order[i]``).
-    """
-    by_loss = torch.argsort(loss, descending=True, stable=True)
-    order = by_loss[torch.argsort(segment[by_loss], stable=True)]
-    counts = torch.bincount(segment, minlength=num_segments)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(segment.shape[0], device=segment.device) - starts[segment[order]]
-    return order, rank
-
-
 def _select_paper(batch: ExampleBatch, rows: Tensor, loss: Tensor, labels: Tensor, num_classes: int,
                   batch_size_per_image: int, nms_thresh: Optional[float], class_agnostic_nms: bool) -> Tensor:
     """Paper/abhi2610: NMS by loss, then the batch's top ``B * batch_size_per_image`` losses. Picks, loss desc."""
@@ -149,13 +136,14 @@ def _select_mmdet(batch: ExampleBatch, rows: Tensor, loss: Tensor, batch_size_pe
     image = batch.image[rows]
     negative = (batch.label[rows] == 0).to(torch.int64)
     segment = image * 2 + negative  # (image, positive) segments first, then (image, negative)
-    order, rank = _segment_rank(segment, loss, 2 * num_images)
+    rank = segment_rank([segment], [-loss])  # loss descending, equal losses in row order
     q_pos = int(batch_size_per_image * positive_fraction)
     positives_per_image = torch.bincount(image[negative == 0], minlength=num_images)
     q_neg = batch_size_per_image - torch.clamp(positives_per_image, max=q_pos)
-    ordered_image, ordered_negative = image[order], negative[order] == 1
-    quota = torch.where(ordered_negative, q_neg[ordered_image], torch.full_like(ordered_image, q_pos))
-    return rows[order[rank < quota]]
+    quota = torch.where(negative == 1, q_neg[image], torch.full_like(image, q_pos))
+    chosen = torch.where(rank < quota)[0]
+    chosen = chosen[torch.argsort(segment[chosen] * max(rows.numel(), 1) + rank[chosen])]
+    return rows[chosen]
 
 
 def ohem_select(batch: ExampleBatch, scorer: Scorer, box_coder, batch_size_per_image: int = 512,
