@@ -78,7 +78,7 @@ stamp built
 
 # Alone on the GPU, so nothing else disturbs the timings.
 PYTHONPATH=$PWD/python timeout "$(budget "$BENCH_CAP")" "$PY" benchmarks/bench_ops.py --device cuda --repeats 20 \
-  --out "$OUT" > "$OUT/bench.log" 2>&1
+  --no-plot --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "benchmark rc=$?"
 if [ -n "$VARIANT_NAME" ]; then
   # The main case only: the before/after of the issue's target, in seconds. The variant's own
