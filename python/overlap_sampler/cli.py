@@ -1,10 +1,12 @@
-"""`overlap-sampler` command line: `train`, `eval`, `predict`, `export`, `analyze`, `demo`, `info`.
+"""`overlap-sampler` command line: `train`, `eval`, `predict`, `export`, `analyze`, `ablate`, `demo`, `info`.
 
     overlap-sampler train [--config FILE.toml|FILE.json] [--flag value ...]
     overlap-sampler eval --checkpoint PATH [--dataset synthetic | --val-images D --val-annotations F]
     overlap-sampler predict --checkpoint PATH IMAGE_OR_FOLDER ... [--score-thresh 0.5]
     overlap-sampler export --checkpoint PATH --output FILE.pt
+    overlap-sampler ablate --grid neg_strategy=uniform,soft num_bins=2,3 [--seeds 0 1 2] [--train-args FLAGS]
     overlap-sampler analyze upper-bound --checkpoint PATH [data flags as eval] [--nms-thresh T]
+    overlap-sampler analyze iou-hist --checkpoint PATH | --untrained [--samplers random overlap ...] [--images N]
     torchrun --nproc_per_node 2 -m overlap_sampler.cli train ...      (DDP: NCCL on CUDA, Gloo on CPU)
 
 `train` with no arguments trains the small Faster R-CNN on the built-in synthetic dataset and evaluates it.
@@ -132,6 +134,52 @@ def eval_data_from_args(parser: argparse.ArgumentParser, args: argparse.Namespac
                 val_annotations=args.val_annotations)
 
 
+def add_iou_hist_parser(analyses) -> None:
+    """`analyze iou-hist` (the paper's Figure 4 on a checkpoint's proposals) and its flags."""
+    from .sampling import SAMPLERS
+
+    ih = analyses.add_parser(
+        "iou-hist", help="what each sampler picks from a checkpoint's RPN proposals: IoU_p,n of the negatives "
+                         "(Figure 4)",
+        description="The paper's Figure 4 on real proposals: run the checkpoint's backbone and RPN (training-mode "
+                    "proposals, no state changed) over its first N training images, label the proposals against "
+                    "the GT as the RoI head does, let every sampler pick from the same proposals with the "
+                    "checkpoint's RoI budget, and bin the picked negatives by IoU_p,n (their max IoU with the "
+                    "positives) and the positives by their key. Writes iou_hist.csv, iou_hist.png and iou_hist.md.")
+    ih.add_argument("--checkpoint", help="a checkpoint written by `train` (its weights, architecture, RoI budget "
+                                         "and training data); may be left out with --untrained")
+    ih.add_argument("--untrained", action="store_true",
+                    help="fresh weights drawn from --seed instead of the checkpoint's (its architecture, budget and "
+                         "data kept); without --checkpoint: the default small Faster R-CNN on the built-in "
+                         "synthetic training set (or --train-images/--train-annotations)")
+    ih.add_argument("--dataset", choices=("synthetic",), default=None,
+                    help="the built-in synthetic training split [without this and the --train-* flags: the "
+                         "training set the checkpoint was trained with]")
+    ih.add_argument("--train-images", help="directory of the training images (COCO format)")
+    ih.add_argument("--train-annotations", help="COCO instances json of the training images")
+    ih.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS), metavar="SAMPLER",
+                    help=f"the sampler presets to compare, each with the checkpoint's RoI budget: "
+                         f"{', '.join(SAMPLERS)} [all]")
+    ih.add_argument("--images", type=int, default=200, help="training images analysed, the first in dataset "
+                                                            "order [200]")
+    ih.add_argument("--seed", type=int, default=0, help="seed of the samplers (and of --untrained weights) [0]")
+    ih.add_argument("--output-dir", help="where iou_hist.csv, iou_hist.png and iou_hist.md go [analysis/ beside "
+                                         "the checkpoint; output/analysis without one]")
+    add_run_arguments(ih)
+
+
+def iou_hist_data_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The model and data keywords of iou_hist_checkpoint; usage errors for bad combinations."""
+    if args.checkpoint is None and not args.untrained:
+        parser.error("analyze iou-hist needs --checkpoint (or --untrained for fresh weights of the default model)")
+    if args.dataset and (args.train_images or args.train_annotations):
+        parser.error("give either --dataset synthetic or --train-images/--train-annotations, not both")
+    if bool(args.train_images) != bool(args.train_annotations):
+        parser.error("--train-images and --train-annotations go together")
+    return dict(untrained=args.untrained, dataset=None if args.train_images else args.dataset or "checkpoint",
+                train_images=args.train_images, train_annotations=args.train_annotations)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="overlap-sampler", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=1, help="images per forward pass (of one size) [1]")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    analyze = commands.add_parser("analyze", help="analyses of a trained checkpoint (the paper's Table 1)",
+    analyze = commands.add_parser("analyze", help="analyses of a trained checkpoint (the paper's Table 1, "
+                                                  "Figure 4)",
                                   description="Analyses of a trained checkpoint.")
     analyses = analyze.add_subparsers(dest="analysis", required=True, help="the analysis to run")
     ub = analyses.add_parser("upper-bound", help="box AP if the scores before NMS met each sampling heuristic's "
@@ -197,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     ub.add_argument("--nms-thresh", type=float, default=None,
                     help="test NMS IoU threshold of every row, also what 'overlapped' means [the model's own]")
     add_run_arguments(ub)
+    add_iou_hist_parser(analyses)
+
+    from .analysis import ablate
+
+    ab = commands.add_parser("ablate", help=ablate.HELP, description=ablate.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    ablate.add_arguments(ab)
 
     demo = commands.add_parser("demo", help="sample a crowded synthetic batch with every negative strategy")
     demo.add_argument("--images", type=int, default=8, help="images in the batch [8]")
@@ -247,12 +303,27 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         predict_checkpoint(args.checkpoint, args.images, output_dir=args.output_dir, score_thresh=args.score_thresh,
                            draw=not args.no_draw, device=args.device, batch_size=args.batch_size,
                            progress=not args.no_progress)
+    elif args.command == "analyze" and args.analysis == "iou-hist":
+        data = iou_hist_data_from_args(parser, args)
+        from .analysis.iou_hist import iou_hist_checkpoint
+
+        iou_hist_checkpoint(args.checkpoint, **data, samplers=args.samplers, images=args.images, seed=args.seed,
+                            output_dir=args.output_dir, device=args.device, batch_size=args.batch_size,
+                            progress=not args.no_progress)
     elif args.command == "analyze":
         data = eval_data_from_args(parser, args)
         from .analysis.upper_bound import upper_bound_checkpoint
 
         upper_bound_checkpoint(args.checkpoint, **data, output_dir=args.output_dir, nms_thresh=args.nms_thresh,
                                device=args.device, batch_size=args.batch_size, progress=not args.no_progress)
+    elif args.command == "ablate":
+        from .analysis.ablate import AblationError, TrainCommandLine, ablate
+
+        try:
+            ablate(args, TrainCommandLine(add_train_arguments, config_from_args))
+        except AblationError as e:  # a run failed: its log says why
+            print(f"overlap-sampler ablate: error: {e}", file=sys.stderr)
+            return 1
     elif args.command == "export":
         from .engine.export import export_checkpoint
 

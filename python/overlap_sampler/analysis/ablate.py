@@ -42,16 +42,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from ..io_safety import prepare_output_dir, write_json, write_text
+from ..sampling import SAMPLERS
 
 HELP = "train variants of the settings x seeds and tabulate their AP (the paper's Table 2)"
-# Every sampler the head offers, the baseline (torchvision's random sampler) first.
-SAMPLERS = ("random", "iou_balanced", "libra", "ohem", "isr", "overlap")
-PRESETS = {name: ("--sampler", name) for name in SAMPLERS}
+# Every sampler the head offers: the baseline (torchvision's random sampler) first, ours last.
+PRESETS = {name: ("--sampler", name)
+           for name in ("random", *(s for s in SAMPLERS if s not in ("random", "overlap")), "overlap")}
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 KINDS = ("bbox", "segm")
 SETTINGS_FILE = "ab_settings.json"  # the name benchmarks/sampler_ab.py gave it: its runs are reused
@@ -89,14 +92,15 @@ class Run:
         return {"train_flags": list(self.train_flags), "seed": self.seed}
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "overlap_sampler.cli", "train", *self.train_flags, *run_flags(self.seed,
-                                                                                                    self.run_dir)]
+        run = run_flags(self.seed, self.run_dir)
+        return [sys.executable, "-m", "overlap_sampler.cli", "train", *self.train_flags, *run]
 
     def finished(self) -> bool:
         return (self.run_dir / "eval.json").exists()
 
 
 def run_flags(seed: int, run_dir: Path | str) -> list[str]:
+    """What every run adds (as benchmarks/sampler_ab.py did): deterministic, one thread, resumable."""
     return ["--seed", str(seed), "--threads", "1", "--no-progress", "--resume", "auto", "--output-dir", str(run_dir)]
 
 
@@ -120,6 +124,11 @@ class TrainCommandLine:
         add_arguments(self.parser)
         self.build_config = build_config
         self._actions = {opt: a for a in self.parser._actions for opt in a.option_strings}
+        self._flag = {a.dest: a.option_strings[0] for a in self.parser._actions if a.option_strings}
+
+    def _given(self, flags: Sequence[str]) -> set[str]:
+        """The settings (argparse dests) that ``flags`` set."""
+        return {k for k, v in vars(self.parser.parse_args(list(flags))).items() if k != "config" or v is not None}
 
     def keys(self) -> list[str]:
         """Every setting name a variant may set."""
@@ -166,10 +175,14 @@ class TrainCommandLine:
         flags = [*variant.flags, *common]
         try:
             given = vars(self.parser.parse_args(flags))
+            twice = self._given(variant.flags) & self._given(common)
+            if twice:  # the later, --train-args, would win silently
+                raise ValueError(f"{', '.join(sorted(self._flag[d] for d in twice))} given both by the variant "
+                                 "and by --train-args: set each setting in one place")
             owned = [k for k in RUN_SETTINGS if k in given]
             if owned:
-                raise ValueError(f"{self.action(owned[0]) and ''}--{owned[0].replace('_', '-')} is set by "
-                                 f"ablate for every run ({RUN_SETTINGS[owned[0]]})")
+                raise ValueError(f"--{owned[0].replace('_', '-')} is set by ablate for every run "
+                                 f"({RUN_SETTINGS[owned[0]]})")
             config = self.build_config(self.parser.parse_args([*flags, *run_flags(seed, "ablate-check")]))
             if not config.eval_at_end or (config.stop_after or config.iterations) < config.iterations:
                 raise ValueError("each run must train to the end and evaluate (drop --no-eval-at-end and "
@@ -243,7 +256,10 @@ def toml_variants(path: str, train: TrainCommandLine) -> list[Variant]:
     """The ``[[variant]]`` tables of a TOML file: ``name`` (optional when ``settings`` is given: then
     ``key=value,...``), ``flags`` (a string of flags or a list of them) and ``settings`` (a table of
     train setting names); the settings' flags come first."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"variants file not found: {path}")
@@ -275,9 +291,10 @@ def toml_variants(path: str, train: TrainCommandLine) -> list[Variant]:
         if not isinstance(name, str):
             raise ValueError(f"{where}: name must be a string, got {name!r}")
         try:
-            variants.append(Variant(_check_name(name, where), (*train.flags(settings), *flags)))
+            settings_flags = train.flags(settings)
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from e if not str(e).startswith(where) else e
+            raise ValueError(f"{where}: {e}") from e
+        variants.append(Variant(_check_name(name, where), (*settings_flags, *flags)))
     return variants
 
 
@@ -285,7 +302,7 @@ def toml_variants(path: str, train: TrainCommandLine) -> list[Variant]:
 def plan(variants: Sequence[Variant], seeds: Sequence[int], common: Sequence[str], runs_dir: Path) -> list[Run]:
     """Every (seed, variant) run, seed by seed; ``ValueError`` naming each folder that holds a run of other
     settings (or an unrecorded one): its results would be reported under this command line."""
-    runs = [Run(v, s, runs_dir / f"{v.name}-seed{s}", (*v.flags, *common)) for s in seeds for v in variants]
+    runs = [Run(v, s, Path(runs_dir) / f"{v.name}-seed{s}", (*v.flags, *common)) for s in seeds for v in variants]
     refused = []
     for run in runs:
         if run.run_dir.exists() and not run.run_dir.is_dir():
@@ -334,31 +351,31 @@ def read_run(run: Run) -> dict[str, Any]:
 def run_all(runs: Sequence[Run], jobs: int, progress: bool = True,
             prepare: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Train the unfinished runs, ``jobs`` at a time (``prepare()`` first, if any is unfinished), then read
-    every run. The first failure cancels the runs not started, waits for those in progress (they
-    resume later) and raises AblationError."""
-    from tqdm import tqdm
-
+    every run. The first failure starts no further run, waits for those in progress (they resume
+    later) and raises AblationError."""
     todo = [run for run in runs if not run.finished()]
     if todo and prepare is not None:
         prepare()
-    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="ablation runs", unit="run",
-              disable=not progress, file=sys.stderr) as bar:
-        pool = ThreadPoolExecutor(jobs)
-        futures = {pool.submit(train_run, run): run for run in todo}
-        try:
-            for future in as_completed(futures):
-                run = futures[future]
+    queue = iter(todo)
+    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="ablation runs", unit="run", disable=not progress,
+              file=sys.stderr) as bar, ThreadPoolExecutor(jobs) as pool:
+        # A run is handed to the pool only when a worker is free, so after a failure none is left
+        # queued that a worker could pick up before the pool is shut.
+        busy = {pool.submit(train_run, run): run for run in itertools.islice(queue, jobs)}
+        while busy:
+            done, _ = wait(busy, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = busy.pop(future)
                 try:
                     seconds = future.result()
                 except AblationError as e:
-                    busy = sum(f.running() for f in futures)
                     if busy:
-                        bar.write(f"{e}\nwaiting for the {busy} run(s) in progress to finish...", file=sys.stderr)
+                        bar.write(f"{e}\nwaiting for the {len(busy)} run(s) in progress to finish...",
+                                  file=sys.stderr)
                     raise
                 bar.write(f"{run.variant.name} seed {run.seed}: {seconds:.0f} s", file=sys.stderr)
                 bar.update()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+                busy.update({pool.submit(train_run, nxt): nxt for nxt in itertools.islice(queue, 1)})
     return [read_run(run) for run in runs]
 
 
@@ -411,7 +428,7 @@ def report(summary: dict, variants: Sequence[Variant], seeds: Sequence[int], com
              "iteration (evaluation excluded), mean over seeds, of runs side by side on one machine: compare "
              "them within one table only.", ""]
     for kind, table in summary.items():
-        lines += [f"## {kind}", "", "| variant | flags | " + " | ".join(METRICS) + f" | Δ AP vs {baseline} | wins "
+        lines += [f"## {kind}", "", "| variant | flags | " + " | ".join(METRICS) + f" | Δ AP vs `{baseline}` | wins "
                   "| s/iter |", "|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
         for v in variants:
             row = table[v.name]
@@ -486,6 +503,8 @@ def ablate(args: argparse.Namespace, train: TrainCommandLine) -> dict[str, Any]:
         raise ValueError(f"--baseline {baseline!r} is not a variant ({', '.join(v.name for v in variants)})")
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds must differ, got {args.seeds}")
+    if not args.name or safe_name(args.name) != args.name:
+        raise ValueError(f"--name {args.name!r} must be letters, digits and . _ , = + - (it names the results files)")
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     common = shlex.split(args.train_args)
