@@ -105,8 +105,15 @@ def test_batches_of_one_size_give_the_same_predictions(checkpoint, images, tmp_p
     assert [r["file"] for r in runs[0]] == [r["file"] for r in runs[1]]  # the order given, not the batches'
     for one, batched in zip(*runs):
         assert "drawn" not in one and len(one["detections"]) == len(batched["detections"])
-        for a, b in zip(one["detections"], batched["detections"]):
-            assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-4)
+        # Batched convolutions round differently: two detections of nearly equal score may swap places,
+        # so each detection must have its own equal in the other run, in any order.
+        unmatched = list(batched["detections"])
+        for a in one["detections"]:
+            twin = next((b for b in unmatched if b["category_id"] == a["category_id"]
+                         and b["bbox"] == pytest.approx(a["bbox"], abs=1e-3)
+                         and b["score"] == pytest.approx(a["score"], abs=1e-4)), None)
+            assert twin is not None, f"{a} has no equal among the batched run's {unmatched}"
+            unmatched.remove(twin)
 
 
 def test_an_exported_model_predicts_as_its_checkpoint(checkpoint, images, tmp_path):
