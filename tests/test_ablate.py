@@ -221,3 +221,12 @@ def test_a_tiny_grid_end_to_end(tmp_path, tiny_train_args, monkeypatch):
     monkeypatch.setattr(ablate, "train_run", lambda run: pytest.fail(f"{run.run_dir} trained again"))
     assert run_ablate(tmp_path, *argv, train_args=tiny_train_args) == 0
     assert (tmp_path / "out" / "tiny.md").read_text() == table
+
+
+def test_the_committed_table2_grid_is_valid(train):
+    # configs/table2_synthetic.toml is documented as a ready command: every variant must build.
+    path = Path(__file__).resolve().parents[1] / "configs" / "table2_synthetic.toml"
+    variants = ablate.toml_variants(str(path), train)
+    assert len(variants) == 14 and len({v.name for v in variants}) == 14
+    for variant in variants:
+        train.check(variant, [], 0)
