@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import overlap_sampler
 from overlap_sampler import reference
-from overlap_sampler.io_safety import OutputError, atomic_write, prepare_output_dir, write_json, write_text
+from overlap_sampler.io_safety import OutputError, prepare_output_dir, write_figure, write_json, write_text
 from overlap_sampler.sampling.config import SamplerConfig
 from overlap_sampler.testing import make_batch
 
@@ -373,11 +373,7 @@ def write_plot(path, title, time_rows, memory_rows=None):
         _plot_ways(axes[0][1], memory_rows, 1 / 2**20, "peak memory of a call (MiB)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    try:
-        with atomic_write(str(path), "wb", fsync=False, what="plot") as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    write_figure(str(path), fig)
 
 
 def speedup(row):

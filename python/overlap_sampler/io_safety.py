@@ -175,6 +175,19 @@ def write_json(path: str, obj: Any, *, fsync: bool = True, what: str = "output",
     return path
 
 
+def write_figure(path: str, fig: Any, *, what: str = "plot") -> str:
+    """A matplotlib figure as a PNG (100 dpi) at ``path``, atomically; the figure is closed either
+    way (an unclosed pyplot figure stays in memory). Returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_write(path, "wb", fsync=False, what=what) as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def replace_with_link(source: str, path: str, *, what: str = "output") -> None:
     """Make ``path`` a hard link to ``source`` (no extra disk), atomically: a temporary link renamed
     over ``path``. Where hard links are not supported, an atomic copy of ``source``."""

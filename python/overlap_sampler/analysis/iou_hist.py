@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..detection.diagnostics import IOU_EDGES, SampledBatch, SamplerDiagnostics, sampler_diagnostics
-from ..io_safety import atomic_write, check_not_inputs, prepare_output_dir, write_text
+from ..io_safety import atomic_write, check_not_inputs, prepare_output_dir, write_figure, write_text
 from ..sampling.config import BUDGET_FIELDS, SAMPLERS, SamplerConfig
 
 CSV_NAME = "iou_hist.csv"
@@ -375,12 +375,7 @@ def plot_histograms(path: str, results: Mapping[str, IouHistogram], title: str =
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    try:
-        with atomic_write(path, "wb", fsync=False, what="IoU histogram plot") as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return write_figure(path, fig, what="IoU histogram plot")
 
 
 def _number(value: float, digits: int = 3) -> str:

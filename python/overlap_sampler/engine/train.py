@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from ..io_safety import atomic_write, check_not_inputs, prepare_output_dir, write_json
+from ..io_safety import check_not_inputs, prepare_output_dir, write_figure, write_json
 from . import distributed as D
 from .checkpoint import (CHECKPOINT_FORMAT, LAST, backbone_layout, build_model_for, checkpoint_layout,
                          config_from_checkpoint, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state)
@@ -365,11 +365,7 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str,
         _plot_ap(axes[2], evaluations)
     axes[-1].set_xlabel("iteration")
     fig.tight_layout()
-    try:
-        with atomic_write(path, "wb", fsync=False, what="loss curve") as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    write_figure(path, fig, what="loss curve")
 
 
 def _plot_ap(ax, evaluations: list[dict[str, Any]]) -> None:
