@@ -231,10 +231,7 @@ class TrainConfig:
         self.sampler.validate()
         # A file or flag that sets what the chosen sampler does not read would be silently ignored:
         # each such setting must keep the preset's value (SamplerConfig alone also accepts defaults).
-        preset = SamplerConfig.preset(self.sampler.sampler)
-        ignored = [f"{f.name}={getattr(self.sampler, f.name)!r}" for f in dataclasses.fields(SamplerConfig)
-                   if self.sampler.sampler not in f.metadata["used_by"]
-                   and getattr(self.sampler, f.name) != getattr(preset, f.name)]
+        ignored = self.sampler.ignored_settings(strict=True)
         if ignored:
             raise ValueError(f"TrainConfig.sampler: sampler={self.sampler.sampler!r} does not read "
                              f"{', '.join(ignored)}; drop {'it' if len(ignored) == 1 else 'them'} or choose a "

@@ -145,13 +145,15 @@ class SamplerConfig:
                              f"{'it' if len(ignored) == 1 else 'them'} or choose a sampler that does")
         return self
 
-    def ignored_settings(self) -> list[str]:
+    def ignored_settings(self, strict: bool = False) -> list[str]:
         """``name=value`` of each setting the chosen sampler does not read that is set to neither its
-        default nor the sampler's preset value (such a setting would be silently ignored)."""
+        default nor the sampler's preset value (such a setting would be silently ignored);
+        ``strict``: to anything but the preset's value (a config built from the preset)."""
         preset = PRESETS.get(self.sampler, {})
         return [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
                 if self.sampler not in f.metadata["used_by"]
-                and getattr(self, f.name) != f.default and getattr(self, f.name) != preset.get(f.name, f.default)]
+                and getattr(self, f.name) != preset.get(f.name, f.default)
+                and (strict or getattr(self, f.name) != f.default)]
 
     def normalized(self) -> "SamplerConfig":
         """This config with every setting the sampler does not read at the preset's value: what runs."""
