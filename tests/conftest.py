@@ -16,3 +16,15 @@ def cpu_and_cuda():
     """Parametrisation over the devices this machine can run."""
     return ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
+
+@pytest.fixture(scope="module")
+def bench_ops():
+    """benchmarks/bench_ops.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_ops", Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -6,22 +6,11 @@ of another device or another main case."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def bench_ops():
-    spec = importlib.util.spec_from_file_location("bench_ops_guard", BENCHMARKS / "bench_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def committed(bench_ops, tmp_path, speedup, device="cpu", options=None):

@@ -5,11 +5,9 @@ results, and the JSON's record of the main case that --guard checks."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,16 +15,7 @@ import torch
 import overlap_sampler
 from overlap_sampler.sampling.config import SamplerConfig
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 TINY = ["--main-size", "2", "300", "10", "--n-scaling", "200", "400", "--b-scaling", "1", "2", "--repeats", "1"]
-
-
-@pytest.fixture(scope="module")
-def bench_ops():
-    spec = importlib.util.spec_from_file_location("bench_ops_tiny", BENCHMARKS / "bench_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
