@@ -89,7 +89,7 @@ class OverlapRoIHeads(RoIHeads):
     # subclass's own annotations hide its base's: repeat torchvision's.
     __annotations__ = {
         **RoIHeads.__annotations__,
-        **typing.get_type_hints(SamplerConfig),
+        **_SETTING_TYPES,
         "validate_inputs": bool,
         "record_samples": bool,
         "last_num_pos": Tensor,
@@ -269,8 +269,12 @@ class OverlapRoIHeads(RoIHeads):
         dtype = proposals[0].dtype
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
+        # The batch concatenated once: the op, the recording and the gather read it.
+        all_proposals = torch.cat(proposals)
+        all_gt = torch.cat(gt_boxes)
         if self.sampler == "overlap" or self.sampler == "iou_balanced":
-            indices, matched_gt, weights, num_pos, num_neg = self._overlap_selection(proposals, targets)
+            indices, matched_gt, weights, num_pos, num_neg = self._overlap_selection(
+                all_proposals, [p.shape[0] for p in proposals], all_gt, targets)
         elif torch.jit.is_scripting():
             raise RuntimeError("this sampler is written in Python and trains in eager mode only; a scripted "
                                "model trains with sampler 'overlap', 'iou_balanced' or 'random'")
@@ -281,32 +285,34 @@ class OverlapRoIHeads(RoIHeads):
         self.last_num_neg = num_neg
         if not torch.jit.is_scripting():
             if self.record_samples:
-                self._record(torch.cat(proposals).float(), [p.shape[0] for p in proposals],
+                self._record(all_proposals.float(), [p.shape[0] for p in proposals],
                              torch.cat([t["boxes"] for t in targets]).float(), [g.shape[0] for g in gt_boxes],
                              indices, num_pos, weights)
-        return self._gather_samples(proposals, gt_boxes, gt_labels, indices, matched_gt, weights, num_pos, num_neg)
+        return self._gather_samples(all_proposals, all_gt, [g.shape[0] for g in gt_boxes], gt_labels, indices,
+                                    matched_gt, weights, num_pos, num_neg)
 
     def _overlap_selection(
         self,
-        proposals: list[Tensor],
+        all_proposals: Tensor,
+        proposal_counts: list[int],
+        all_gt: Tensor,
         targets: list[dict[str, Tensor]],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """One ``torch.ops.overlap_sampler.sample`` call for the batch (GT boxes appended)."""
-        device = proposals[0].device
+        device = all_proposals.device
         # Under autocast the proposals are 16-bit: match and sample in float32
         # (GT boxes at their own precision), as bfloat16 coordinates near 1000 px
         # are 4 px apart and the op takes no bfloat16.
-        sample_proposals = torch.cat(proposals)
-        sample_gt = torch.cat([t["boxes"] for t in targets])
-        if sample_proposals.dtype == torch.float16 or sample_proposals.dtype == torch.bfloat16:
-            sample_proposals = sample_proposals.float()
-            sample_gt = sample_gt.float()
+        if all_proposals.dtype == torch.float16 or all_proposals.dtype == torch.bfloat16:
+            sample_proposals = all_proposals.float()
+            sample_gt = torch.cat([t["boxes"] for t in targets]).float()
         else:
-            sample_gt = sample_gt.to(sample_proposals.dtype)
+            sample_proposals = all_proposals
+            sample_gt = all_gt
         # The op's own arguments (its C++ schema): each is a SamplerConfig field of the same name;
         # tests/test_sampler_settings.py checks that every op setting is passed.
         indices, matched_gt, weights, num_pos, num_neg = torch.ops.overlap_sampler.sample(
-            sample_proposals, _splits([p.shape[0] for p in proposals], device),
+            sample_proposals, _splits(proposal_counts, device),
             sample_gt, _splits([t["boxes"].shape[0] for t in targets], device),
             batch_size_per_image=self.batch_size_per_image,
             positive_fraction=self.positive_fraction,
@@ -374,8 +380,9 @@ class OverlapRoIHeads(RoIHeads):
 
     def _gather_samples(
         self,
-        proposals: list[Tensor],
-        gt_boxes: list[Tensor],
+        all_proposals: Tensor,
+        all_gt: Tensor,
+        gt_counts: list[int],
         gt_labels: list[Tensor],
         indices: Tensor,
         matched_gt: Tensor,
@@ -384,12 +391,9 @@ class OverlapRoIHeads(RoIHeads):
         num_neg: Tensor,
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """Boxes, labels, regression targets and weights of the picks (op layout), per image."""
-        dtype = proposals[0].dtype
-        device = proposals[0].device
-        num_images = len(proposals)
-        gt_counts = [g.shape[0] for g in gt_boxes]
-        all_proposals = torch.cat(proposals)
-        all_gt = torch.cat(gt_boxes)
+        dtype = all_proposals.dtype
+        device = all_proposals.device
+        num_images = indices.shape[0]
         num_proposals = all_proposals.shape[0]
         num_gt = all_gt.shape[0]
 
