@@ -69,6 +69,8 @@ def test_the_model_keeps_the_negative_that_suppresses_p2():
     ("isr", [0.8, 0.6, 0.9, 0.5, 0.3], [N1, P1, X, C2]),
     # Overlapped candidates (p1, p2, n1) score their IoU with g, n1 included; x and c2 keep theirs.
     ("overlap", [0.8, 0.6, 0.4, 0.5, 0.3], [P1, X, N1, C2]),
+    # The same with the overlapped negative n1 at 0 (then below the threshold); x and c2 keep theirs.
+    ("overlap_neg0", [0.8, 0.6, 0.0, 0.5, 0.3], [P1, X, C2]),
 ])
 def test_each_oracle_on_hand_built_boxes(oracle, scores, kept):
     new = rescore(BOXES, SCORES, LABELS, GT_BOXES, GT_LABELS, oracle, NMS)
@@ -85,6 +87,8 @@ def test_overlap_oracle_follows_the_nms_threshold():
     new = rescore(BOXES, SCORES, LABELS, GT_BOXES, GT_LABELS, "overlap", 0.7)
     assert new.tolist() == pytest.approx([0.8, 0.6, 0.9, 0.5, 0.3])
     assert _kept(new, 0.7) == [N1, P1, X, C2]
+    # n1 is not overlapped at 0.7, so the zeroing reading keeps its 0.9 too.
+    assert torch.equal(rescore(BOXES, SCORES, LABELS, GT_BOXES, GT_LABELS, "overlap_neg0", 0.7), new)
 
 
 def test_without_ground_truth():
@@ -94,12 +98,14 @@ def test_without_ground_truth():
     assert torch.equal(rescore(BOXES, SCORES, LABELS, empty, labels, "isr", NMS), SCORES)
     assert rescore(BOXES, SCORES, LABELS, empty, labels, "overlap", NMS).tolist() == pytest.approx(
         [0.0, 0.0, 0.0, 0.5, 0.3])
+    assert rescore(BOXES, SCORES, LABELS, empty, labels, "overlap_neg0", NMS).tolist() == pytest.approx(
+        [0.0, 0.0, 0.0, 0.5, 0.3])
     for oracle in ORACLES:  # no candidates
         assert rescore(empty, torch.zeros(0), labels, GT_BOXES, GT_LABELS, oracle, NMS).shape == (0,)
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="oracle must be one of iou_balanced, isr, overlap; got 'nms'"):
+    with pytest.raises(ValueError, match="oracle must be one of iou_balanced, isr, overlap, overlap_neg0; got 'nms'"):
         rescore(BOXES, SCORES, LABELS, GT_BOXES, GT_LABELS, "nms", NMS)
     with pytest.raises(ValueError, match=r"scores and labels \[N\]; got \[5, 4\], \[4\], \[5\]"):
         rescore(BOXES, SCORES[:4], LABELS, GT_BOXES, GT_LABELS, "isr", NMS)
@@ -194,7 +200,8 @@ def test_format_rows():
                                               "model         0.0    20.0   -",
                                               "iou_balanced  10.0   20.0   -",
                                               "isr           20.0   20.0   -",
-                                              "overlap       30.0   20.0   -"]
+                                              "overlap       30.0   20.0   -",
+                                              "overlap_neg0  40.0   20.0   -"]
 
 
 @pytest.fixture(scope="module")
