@@ -1,21 +1,27 @@
 """One `sample` call of the benchmark's main case, for a kernel profiler:
 
-    ncu -k regex:'(match|overlap_key|select)_kernel' --launch-skip 9 --launch-count 3 \
+    ncu --profile-from-start off -k regex:'(match|overlap_key|select)_kernel' \
         python scripts/profile_sample.py
 
 The batch is bench_ops.py's main case (B=16, 2000 proposals and 20 GT per image,
-a third of them crowded, soft negatives, 512 per image). Three warm-up calls
-come first (hence --launch-skip 9: three kernels each), then PROFILED_CALLS calls.
-Prints the pair counts that set the overlap-key kernel's work.
+a third of them crowded) with the training default's settings (`SamplerConfig()`:
+soft negatives and positives, K=2, epsilon 2, 512 per image). Warm-up calls come
+first; only the PROFILED_CALLS calls after them run between cudaProfilerStart and
+cudaProfilerStop, so `--profile-from-start off` profiles exactly their kernels,
+however many kernels a call launches. Prints the pair counts that set the
+overlap-key kernel's work.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
 
 import torch
 
 import overlap_sampler
+from overlap_sampler.sampling import SamplerConfig
 from overlap_sampler.testing import make_batch
 
 WARMUP_CALLS = 3
@@ -40,6 +46,13 @@ def overlap_pairs(batch) -> tuple[int, int]:
     return pairs, overlapping
 
 
+def training_default_options() -> dict:
+    """The `sample` arguments of `SamplerConfig()`, as bench_ops.py's main case passes them."""
+    config = SamplerConfig()
+    accepted = inspect.signature(overlap_sampler.sample).parameters
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in accepted}
+
+
 def main() -> int:
     if not (torch.cuda.is_available() and overlap_sampler.build_info["cuda"]):
         print("needs a GPU and a CUDA build")
@@ -47,11 +60,15 @@ def main() -> int:
     batch = make_batch([2000] * 16, [20] * 16, seed=0, device=torch.device("cuda"),
                        crowded_fraction=1 / 3, canvas=1000.0)
     generator = torch.Generator("cuda").manual_seed(0)
-    options = dict(batch_size_per_image=512, positive_fraction=0.25, neg_strategy="soft",
-                   num_bins=2, validate=False)
-    for _ in range(WARMUP_CALLS + PROFILED_CALLS):
+    options = {**training_default_options(), "validate": False}
+    for _ in range(WARMUP_CALLS):
         overlap_sampler.sample(*batch, generator=generator, **options)
     torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for _ in range(PROFILED_CALLS):
+        overlap_sampler.sample(*batch, generator=generator, **options)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
 
     pairs, overlapping = overlap_pairs(batch)
     print(f"IoU_p,n pairs {pairs}, of which overlapping {overlapping} ({overlapping / max(pairs, 1):.1%})")
