@@ -230,3 +230,61 @@ def test_the_committed_table2_grid_is_valid(train):
     assert len(variants) == 14 and len({v.name for v in variants}) == 14
     for variant in variants:
         train.check(variant, [], 0)
+    # eps_2_nms_0.5 differs from eps_2 (the overlap preset) only in the test NMS: not trained again.
+    configs = [train.check(v, [], 0) for v in variants]
+    assert ablate.evaluation_variants(variants, configs) == {"eps_2_nms_0.5": ("eps_2", ("--box-nms-thresh", "0.5"))}
+
+
+# ---------------------------------------------------------------------- evaluation-only variants
+def test_variants_that_differ_only_in_test_settings_are_evaluations(train):
+    variants = [ablate.Variant("soft", ("--neg-strategy", "soft")),
+                ablate.Variant("soft_nms", ("--box-nms-thresh", "0.5", "--neg-strategy", "soft")),
+                ablate.Variant("uniform_nms", ("--neg-strategy", "uniform", "--box-nms-thresh", "0.5")),
+                ablate.Variant("soft_again", ("--neg-strategy", "soft")),
+                ablate.Variant("uniform_nms_0.3", ("--neg-strategy", "uniform", "--box-nms-thresh", "0.3"))]
+    configs = [train.check(v, shlex.split(TRAIN_ARGS), 0) for v in variants]
+    assert ablate.evaluation_variants(variants, configs) == {
+        "soft_nms": ("soft", ("--box-nms-thresh", "0.5")),
+        "soft_again": ("soft", ("--box-nms-thresh", "0.55")),  # the same training: evaluated, not repeated
+        # Its base is the first trained variant with its training (uniform_nms), not an evaluation.
+        "uniform_nms_0.3": ("uniform_nms", ("--box-nms-thresh", "0.3")),
+    }
+    runs = ablate.plan(variants, [0, 1], [], Path("/nonexistent/runs"), ablate.evaluation_variants(variants, configs))
+    by = {(r.variant.name, r.seed): r for r in runs}
+    assert by["soft_nms", 1].base is by["soft", 1] and by["soft", 1].base is None
+    assert by["soft_nms", 1].command()[3:7] == ["eval", "--checkpoint", "/nonexistent/runs/soft-seed1/"
+                                                "last_checkpoint.pth", "--box-nms-thresh"]
+
+
+def test_an_evaluation_variant_end_to_end(tmp_path, tiny_train_args, monkeypatch):
+    """The premise (the test NMS changes no weight) and the evaluation of the base's checkpoint."""
+    import torch
+
+    from overlap_sampler.engine.evaluate import evaluate_checkpoint
+
+    argv = ("--variant", "plain=", "--variant", "nms_0.3=--box-nms-thresh 0.3", "--seeds", "0", "--name", "nms")
+    assert run_ablate(tmp_path, *argv, train_args=tiny_train_args) == 0
+    runs = tmp_path / "runs"
+    assert (runs / "plain-seed0" / "last_checkpoint.pth").exists()
+    assert not list((runs / "nms_0.3-seed0").glob("*.pth"))  # evaluated, not trained
+    saved = json.loads((tmp_path / "out" / "nms.json").read_text())
+    assert saved["evaluations"] == {"nms_0.3": {"checkpoints_of": "plain", "eval_flags": ["--box-nms-thresh", "0.3"]}}
+    plain, evaluated = saved["runs"]
+    assert evaluated["seconds_per_iter"] == plain["seconds_per_iter"]
+    expected = evaluate_checkpoint(str(runs / "plain-seed0" / "last_checkpoint.pth"), output_dir=str(tmp_path / "e"),
+                                   box_nms_thresh=0.3, progress=False)
+    assert evaluated["bbox"]["AP"] == pytest.approx(100 * expected["bbox"]["AP"])
+    assert "`nms_0.3` is not trained" in (tmp_path / "out" / "nms.md").read_text()
+
+    # Trained for real, the variant's weights are the base's bit for bit: only its evaluation differs.
+    trained = tmp_path / "trained"
+    assert cli_main(["train", *shlex.split(tiny_train_args), "--box-nms-thresh", "0.3", "--seed", "0",
+                     "--threads", "1", "--no-progress", "--output-dir", str(trained)]) == 0
+    a = torch.load(runs / "plain-seed0" / "last_checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(trained / "last_checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((trained / "eval.json").read_text())["bbox"]["AP"] == pytest.approx(expected["bbox"]["AP"])
+
+    # Read again, not repeated.
+    monkeypatch.setattr(ablate, "train_run", lambda run: pytest.fail(f"{run.run_dir} ran again"))
+    assert run_ablate(tmp_path, *argv, train_args=tiny_train_args) == 0

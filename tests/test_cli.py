@@ -195,6 +195,16 @@ def test_train_eval_export_commands(tmp_path, capsys):
     assert main(["eval", "--checkpoint", checkpoint, "--device", "cpu", "--no-progress", "--batch-size", "1"]) == 0
     again = json.loads((out / "eval_last_checkpoint.json").read_text())
     assert again["bbox"] == pytest.approx(metrics["bbox"], abs=1e-3)  # batched arithmetic rounds differently
+    # Another test NMS threshold: its own file name, the default's left alone; bad values named.
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", checkpoint, "--device", "cpu", "--no-progress", "--box-nms-thresh",
+                 "0.3"]) == 0
+    assert "RoI-head NMS threshold 0.3 (the checkpoint's: 0.55)" in capsys.readouterr().out
+    assert set(json.loads((out / "eval_last_checkpoint_nms0.3.json").read_text())) == set(metrics)
+    assert json.loads((out / "eval_last_checkpoint.json").read_text()) == again
+    for bad in ("0", "1.5", "nan"):
+        assert main(["eval", "--checkpoint", checkpoint, "--box-nms-thresh", bad]) == 2
+        assert f"box_nms_thresh must be a number in (0, 1], got {float(bad)!r}" in capsys.readouterr().err
 
     exported = tmp_path / "model.pt"
     assert main(["export", "--checkpoint", checkpoint, "--output", str(exported), "--image-size", "64"]) == 0

@@ -331,6 +331,13 @@ def test_evaluate_an_exported_model(checkpoint_and_data, tmp_path):
     assert (tmp_path / "eval_model.json").is_file()
     with pytest.raises(ValueError, match="exported TorchScript model: it holds no run, so no validation set"):
         evaluate_checkpoint(exported, progress=False)
+    # Another test NMS threshold: the scripted head's attribute is set as the eager one's, same AP.
+    at_03 = [evaluate_checkpoint(model, dataset=None, val_images=image_dir, val_annotations=annotations,
+                                 output_dir=str(tmp_path), device="cpu", progress=False, box_nms_thresh=0.3)
+             for model in (checkpoint, exported)]
+    assert at_03[1]["bbox"] == pytest.approx(at_03[0]["bbox"], abs=1e-3)
+    assert (tmp_path / "eval_model_nms0.3.json").is_file()
+    assert (tmp_path / f"eval_{Path(checkpoint).stem}_nms0.3.json").is_file()
 
 
 def test_evaluate_checkpoint_reads_the_synthetic_data_where_the_run_did(tmp_path, monkeypatch):

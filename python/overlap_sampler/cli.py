@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "file written by `export` (give the data then)")
     add_eval_data_arguments(ev)
     ev.add_argument("--output-dir", help="where eval_<checkpoint name>.json goes [the checkpoint's directory]")
+    ev.add_argument("--box-nms-thresh", type=float,
+                    help="the RoI head's test NMS IoU threshold instead of the checkpoint's (the JSON is then "
+                         "eval_<checkpoint name>_nms<T>.json) [the checkpoint's]")
     add_run_arguments(ev)
 
     ex = commands.add_parser("export", help="export a checkpoint to TorchScript (checked against eager)",
@@ -296,7 +299,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from .engine.evaluate import evaluate_checkpoint
 
         evaluate_checkpoint(args.checkpoint, **data, output_dir=args.output_dir, device=args.device,
-                            batch_size=args.batch_size, progress=not args.no_progress)
+                            batch_size=args.batch_size, progress=not args.no_progress,
+                            box_nms_thresh=args.box_nms_thresh)
     elif args.command == "predict":
         from .engine.predict import predict_checkpoint
 

@@ -25,6 +25,11 @@ repeated, so an interrupted ablation continues; a folder left by other settings 
 variant's command line is parsed and its TrainConfig built before any run starts, so an unknown
 key or a bad value fails at once. The first failed run stops the ablation (runs not started are
 cancelled) and names its log. Writes <out>/<name>.md and <out>/<name>.json.
+
+A variant whose TrainConfig differs from an earlier variant's only in settings that training never
+reads (EVAL_SETTINGS: the RoI head's test NMS threshold) is not trained again: once the trainings
+are done, `overlap-sampler eval --box-nms-thresh T` scores that variant's checkpoint at each seed
+into its own folder (the paper's Table 2c: one model, several test NMS thresholds).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from tqdm import tqdm
 
@@ -57,10 +62,13 @@ PRESETS = {name: ("--sampler", name)
            for name in ("random", *(s for s in SAMPLERS if s not in ("random", "overlap")), "overlap")}
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 KINDS = ("bbox", "segm")
-SETTINGS_FILE = "ab_settings.json"  # the name benchmarks/sampler_ab.py gave it: its runs are reused
+SETTINGS_FILE = "ab_settings.json"
+CHECKPOINT = "last_checkpoint.pth"  # what a finished `train` run leaves  # the name benchmarks/sampler_ab.py gave it: its runs are reused
 # What ablate itself sets for every run: a variant may not.
 RUN_SETTINGS = {"seed": "--seeds", "threads": "one thread a run", "progress": "--no-progress",
                 "resume": "--resume auto", "output_dir": "--runs-dir"}
+#: TrainConfig fields that only the final evaluation reads, with the `eval` flag that sets each.
+EVAL_SETTINGS = {"box_nms_thresh": "--box-nms-thresh"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._,=+-]")
 _MAX_NAME = 200  # bytes; the folder adds -seed<N> within the usual 255
 
@@ -79,12 +87,15 @@ class Variant:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One (variant, seed) training run and its folder."""
+    """One (variant, seed) run and its folder: a training run, or (``base`` given) the evaluation
+    of ``base``'s checkpoint with ``eval_flags``, when training would repeat ``base``'s."""
 
     variant: Variant
     seed: int
     run_dir: Path
     train_flags: tuple[str, ...]  # the variant's flags, then the flags common to every run
+    base: Optional["Run"] = None
+    eval_flags: tuple[str, ...] = ()
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -92,6 +103,10 @@ class Run:
         return {"train_flags": list(self.train_flags), "seed": self.seed}
 
     def command(self) -> list[str]:
+        if self.base is not None:
+            return [sys.executable, "-m", "overlap_sampler.cli", "eval", "--checkpoint",
+                    str(self.base.run_dir / CHECKPOINT), *self.eval_flags, "--output-dir", str(self.run_dir),
+                    "--no-progress"]
         run = run_flags(self.seed, self.run_dir)
         return [sys.executable, "-m", "overlap_sampler.cli", "train", *self.train_flags, *run]
 
@@ -299,10 +314,38 @@ def toml_variants(path: str, train: TrainCommandLine) -> list[Variant]:
 
 
 # ---------------------------------------------------------------------- runs
-def plan(variants: Sequence[Variant], seeds: Sequence[int], common: Sequence[str], runs_dir: Path) -> list[Run]:
-    """Every (seed, variant) run, seed by seed; ``ValueError`` naming each folder that holds a run of other
-    settings (or an unrecorded one): its results would be reported under this command line."""
-    runs = [Run(v, s, Path(runs_dir) / f"{v.name}-seed{s}", (*v.flags, *common)) for s in seeds for v in variants]
+def evaluation_variants(variants: Sequence[Variant], configs: Sequence[Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """``{variant name: (base variant name, eval flags)}`` for every variant whose TrainConfig (``configs``,
+    one per variant, at one seed) equals an earlier trained variant's but for :data:`EVAL_SETTINGS`:
+    its training would be the base's, so the base's checkpoints are evaluated with its own values."""
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    trained: list[tuple[Variant, Any]] = []
+    for variant, config in zip(variants, configs):
+        for base, base_config in trained:
+            if dataclasses.replace(config, **{k: getattr(base_config, k) for k in EVAL_SETTINGS}) == base_config:
+                flags = tuple(x for k, flag in EVAL_SETTINGS.items() for x in (flag, str(getattr(config, k))))
+                out[variant.name] = (base.name, flags)
+                break
+        else:
+            trained.append((variant, config))
+    return out
+
+
+def plan(variants: Sequence[Variant], seeds: Sequence[int], common: Sequence[str], runs_dir: Path,
+         evaluations: Optional[Mapping[str, tuple[str, tuple[str, ...]]]] = None) -> list[Run]:
+    """Every (seed, variant) run, seed by seed (``evaluations``: see :func:`evaluation_variants`);
+    ``ValueError`` naming each folder that holds a run of other settings (or an unrecorded one): its
+    results would be reported under this command line."""
+    evaluations = evaluations or {}
+    runs = []
+    for s in seeds:
+        trained = {}
+        for v in variants:
+            base, eval_flags = evaluations.get(v.name, (None, ()))
+            run = Run(v, s, Path(runs_dir) / f"{v.name}-seed{s}", (*v.flags, *common),
+                      trained[base] if base else None, eval_flags)
+            trained[v.name] = run
+            runs.append(run)
     refused = []
     for run in runs:
         if run.run_dir.exists() and not run.run_dir.is_dir():
@@ -323,14 +366,20 @@ def plan(variants: Sequence[Variant], seeds: Sequence[int], common: Sequence[str
 
 
 def train_run(run: Run) -> float:
-    """Train one run (its output in ``<run_dir>/stdout.log``); returns the wall seconds. Raises
-    AblationError naming the log if it fails."""
+    """Train one run, or evaluate its base's checkpoint (the output in ``<run_dir>/stdout.log``); returns
+    the wall seconds. Raises AblationError naming the log if it fails."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     write_json(str(run.run_dir / SETTINGS_FILE), run.settings)
     start = time.perf_counter()
     log = run.run_dir / "stdout.log"
     with open(log, "w") as out:
         proc = subprocess.run(run.command(), stdout=out, stderr=subprocess.STDOUT)
+    if run.base is not None and proc.returncode == 0:
+        from ..engine.evaluate import metrics_file_name
+
+        written = run.run_dir / metrics_file_name(CHECKPOINT, float(run.eval_flags[-1]))
+        if written.exists():
+            os.replace(written, run.run_dir / "eval.json")  # what read_run and finished() look for
     if proc.returncode != 0 or not run.finished():
         raise AblationError(f"{run.variant.name} seed {run.seed} failed (exit {proc.returncode}): see {log}\n"
                             f"command: {shlex.join(run.command())}")
@@ -341,7 +390,8 @@ def read_run(run: Run) -> dict[str, Any]:
     """A finished run's AP in percent (None where COCO reports -1: no objects of that size) per kind
     (bbox, segm), and its training seconds per iteration (evaluation excluded)."""
     evaluation = json.loads((run.run_dir / "eval.json").read_text())
-    last = json.loads((run.run_dir / "metrics.json").read_text())["history"][-1]
+    trained = run.base or run  # an evaluation's training is its base's
+    last = json.loads((trained.run_dir / "metrics.json").read_text())["history"][-1]
     kinds = {k: {m: (100 * v[m] if v.get(m, -1) >= 0 else None) for m in METRICS}
              for k, v in evaluation.items() if k in KINDS}
     return {"variant": run.variant.name, "seed": run.seed, "run_dir": str(run.run_dir),
@@ -350,33 +400,41 @@ def read_run(run: Run) -> dict[str, Any]:
 
 def run_all(runs: Sequence[Run], jobs: int, progress: bool = True,
             prepare: Callable[[], None] | None = None) -> list[dict[str, Any]]:
-    """Train the unfinished runs, ``jobs`` at a time (``prepare()`` first, if any is unfinished), then read
-    every run. The first failure starts no further run, waits for those in progress (they resume
-    later) and raises AblationError."""
+    """Train the unfinished runs, ``jobs`` at a time (``prepare()`` first, if any is unfinished), then
+    evaluate the unfinished evaluations (their checkpoints are then all there), then read every run.
+    The first failure starts no further run, waits for those in progress (they resume later) and
+    raises AblationError."""
     todo = [run for run in runs if not run.finished()]
     if todo and prepare is not None:
         prepare()
-    queue = iter(todo)
     with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="ablation runs", unit="run", disable=not progress,
               file=sys.stderr) as bar, ThreadPoolExecutor(jobs) as pool:
-        # A run is handed to the pool only when a worker is free, so after a failure none is left
-        # queued that a worker could pick up before the pool is shut.
-        busy = {pool.submit(train_run, run): run for run in itertools.islice(queue, jobs)}
-        while busy:
-            done, _ = wait(busy, return_when=FIRST_COMPLETED)
-            for future in done:
-                run = busy.pop(future)
-                try:
-                    seconds = future.result()
-                except AblationError as e:
-                    if busy:
-                        bar.write(f"{e}\nwaiting for the {len(busy)} run(s) in progress to finish...",
-                                  file=sys.stderr)
-                    raise
-                bar.write(f"{run.variant.name} seed {run.seed}: {seconds:.0f} s", file=sys.stderr)
-                bar.update()
-                busy.update({pool.submit(train_run, nxt): nxt for nxt in itertools.islice(queue, 1)})
+        _run_queue([r for r in todo if r.base is None], jobs, pool, bar)
+        _run_queue([r for r in todo if r.base is not None], jobs, pool, bar)
     return [read_run(run) for run in runs]
+
+
+def _run_queue(runs: Sequence[Run], jobs: int, pool: ThreadPoolExecutor, bar: tqdm) -> None:
+    """``train_run`` of every run, ``jobs`` at a time; the first failure as in :func:`run_all`."""
+    queue = iter(runs)
+    # A run is handed to the pool only when a worker is free, so after a failure none is left
+    # queued that a worker could pick up before the pool is shut.
+    busy = {pool.submit(train_run, run): run for run in itertools.islice(queue, jobs)}
+    while busy:
+        done, _ = wait(busy, return_when=FIRST_COMPLETED)
+        for future in done:
+            run = busy.pop(future)
+            try:
+                seconds = future.result()
+            except AblationError as e:
+                if busy:
+                    bar.write(f"{e}\nwaiting for the {len(busy)} run(s) in progress to finish...",
+                              file=sys.stderr)
+                raise
+            what = "evaluated" if run.base is not None else "trained"
+            bar.write(f"{run.variant.name} seed {run.seed}: {what} in {seconds:.0f} s", file=sys.stderr)
+            bar.update()
+            busy.update({pool.submit(train_run, nxt): nxt for nxt in itertools.islice(queue, 1)})
 
 
 # ---------------------------------------------------------------------- report
@@ -418,8 +476,10 @@ def _cell(stats: dict[str, Any] | None, sign: str = "") -> str:
 
 
 def report(summary: dict, variants: Sequence[Variant], seeds: Sequence[int], common: Sequence[str],
-           baseline: str, title: str) -> str:
-    """The markdown tables of ``summarize``'s numbers: per kind, one row per variant, then the AP of each run."""
+           baseline: str, title: str,
+           evaluations: Optional[Mapping[str, tuple[str, tuple[str, ...]]]] = None) -> str:
+    """The markdown tables of ``summarize``'s numbers: per kind, one row per variant, then the AP of each run;
+    which variants are evaluations of another's checkpoints (``evaluations``, see :func:`evaluation_variants`)."""
     lines = [f"# {title}: {len(variants)} variants × {len(seeds)} seeds (seeds {', '.join(map(str, seeds))})", "",
              f"`{shlex.join(['overlap-sampler', 'train', *common])}` + the variant's flags, `--seed N --threads 1`. "
              "AP in percent on the validation set; mean ± sample standard deviation over seeds (— where COCO "
@@ -427,6 +487,9 @@ def report(summary: dict, variants: Sequence[Variant], seeds: Sequence[int], com
              "(mean ± std); wins: in how many seeds the variant's AP is higher. s/iter: training seconds per "
              "iteration (evaluation excluded), mean over seeds, of runs side by side on one machine: compare "
              "them within one table only.", ""]
+    for name, (base, flags) in (evaluations or {}).items():
+        lines += [f"`{name}` is not trained: its settings train as `{base}`'s, so `{base}`'s checkpoint of each "
+                  f"seed is evaluated with `{shlex.join(flags)}` (its s/iter are `{base}`'s).", ""]
     for kind, table in summary.items():
         lines += [f"## {kind}", "", "| variant | flags | " + " | ".join(METRICS) + f" | Δ AP vs `{baseline}` | wins "
                   "| s/iter |", "|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
@@ -509,15 +572,18 @@ def ablate(args: argparse.Namespace, train: TrainCommandLine) -> dict[str, Any]:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     common = shlex.split(args.train_args)
     configs = [train.check(v, common, seed) for v in variants for seed in args.seeds]
+    evaluations = evaluation_variants(variants, configs[::len(args.seeds)])  # each variant at the first seed
     prepare_output_dir(str(args.out), "results folder")  # before the hours of training
     prepare_output_dir(str(args.runs_dir), "runs folder")
-    runs = plan(variants, args.seeds, common, args.runs_dir)
+    runs = plan(variants, args.seeds, common, args.runs_dir, evaluations)
 
     results = run_all(runs, args.jobs, progress=not args.no_progress, prepare=_prepare_synthetic(configs))
     summary = summarize(results, variants, args.seeds, baseline)
-    table = report(summary, variants, args.seeds, common, baseline, f"Ablation `{args.name}`")
+    table = report(summary, variants, args.seeds, common, baseline, f"Ablation `{args.name}`", evaluations)
     saved = {"name": args.name, "train_args": common, "seeds": args.seeds, "baseline": baseline,
              "variants": [{"name": v.name, "flags": list(v.flags)} for v in variants],
+             "evaluations": {name: {"checkpoints_of": base, "eval_flags": list(flags)}
+                             for name, (base, flags) in evaluations.items()},
              "runs": results, "summary": summary}
     write_text(str(args.out / f"{args.name}.md"), table)
     write_json(str(args.out / f"{args.name}.json"), saved, indent=1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import sys
 import warnings
@@ -260,10 +261,29 @@ def write_metrics(metrics: dict, path: str) -> str:
     return write_json(path, metrics, what="metrics file", indent=2, sort_keys=True)
 
 
+def metrics_file_name(checkpoint: str, box_nms_thresh: Optional[float] = None) -> str:
+    """The name of ``evaluate_checkpoint``'s JSON: ``eval_<checkpoint name>.json``, with
+    ``_nms<threshold>`` before ``.json`` when the RoI head's NMS threshold was overridden."""
+    name = os.path.splitext(os.path.basename(checkpoint))[0]
+    return f"eval_{name}" + ("" if box_nms_thresh is None else f"_nms{box_nms_thresh:g}") + ".json"
+
+
+def check_box_nms_thresh(value) -> float:
+    """``value`` as a float in (0, 1] (the train setting's range), else a ValueError naming it."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not 0.0 < number <= 1.0:
+        raise ValueError(f"box_nms_thresh must be a number in (0, 1], got {value!r}")
+    return number
+
+
 def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint",
                         val_images: Optional[str] = None, val_annotations: Optional[str] = None,
                         output_dir: Optional[str] = None, device: str = "auto",
-                        batch_size: int = 2, progress: bool = True) -> dict:
+                        batch_size: int = 2, progress: bool = True,
+                        box_nms_thresh: Optional[float] = None) -> dict:
     """Evaluate a training checkpoint on a COCO dataset; write ``eval_<checkpoint name>.json``, print the table.
 
     Args:
@@ -275,20 +295,27 @@ def evaluate_checkpoint(checkpoint: str, *, dataset: Optional[str] = "checkpoint
             synthetic validation split, or None to use ``val_images`` + ``val_annotations`` (a COCO
             image folder and instances json).
         output_dir: where the JSON goes (default: the checkpoint's folder). Its name follows the
-            checkpoint's (``last_checkpoint.pth`` -> ``eval_last_checkpoint.json``), so the
-            ``eval.json`` that training wrote is never overwritten.
+            checkpoint's (``last_checkpoint.pth`` -> ``eval_last_checkpoint.json``, see
+            :func:`metrics_file_name`), so the ``eval.json`` that training wrote is never overwritten.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
         batch_size: images per forward pass, at most (the padding does not depend on it, see
             :func:`same_size_batches`).
+        box_nms_thresh: the RoI head's test NMS IoU threshold instead of the checkpoint's (the
+            paper's Table 2c varies it on one trained model); the JSON is then
+            ``eval_<checkpoint name>_nms<threshold>.json``.
 
     Returns:
         the metrics dict of :func:`evaluate`.
     """
+    if box_nms_thresh is not None:
+        box_nms_thresh = check_box_nms_thresh(box_nms_thresh)
     output_dir = output_dir or os.path.dirname(os.path.abspath(checkpoint))
-    name = os.path.splitext(os.path.basename(checkpoint))[0]
-    output = os.path.join(output_dir, f"eval_{name}.json")
+    output = os.path.join(output_dir, metrics_file_name(checkpoint, box_nms_thresh))
     inputs = load_eval_inputs(checkpoint, dataset=dataset, val_images=val_images, val_annotations=val_annotations,
                               device=device, outputs=[("metrics file", output)])
+    if box_nms_thresh is not None:
+        print(f"RoI-head NMS threshold {box_nms_thresh:g} (the checkpoint's: {inputs.model.roi_heads.nms_thresh:g})")
+        inputs.model.roi_heads.nms_thresh = box_nms_thresh
     metrics = evaluate(inputs.model, inputs.data, device=inputs.device, batch_size=batch_size,
                        progress=progress)
     path = write_metrics(metrics, output)
