@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import dataclasses
-import inspect
 import json
 import os
 import platform
@@ -64,11 +62,8 @@ SCALING_B = 4  # images of the N-scaling and memory tables
 
 
 def training_default_options():
-    """The `sample` arguments `overlap-sampler train` passes by default: every argument of the op
-    that is a `SamplerConfig` field (the RoI head passes them by name) at that field's default."""
-    config = SamplerConfig()
-    accepted = inspect.signature(overlap_sampler.sample).parameters
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in accepted}
+    """The `sample` arguments `overlap-sampler train` passes by default (`SamplerConfig().op_arguments()`)."""
+    return SamplerConfig().op_arguments()
 
 
 def strategy_options(name):

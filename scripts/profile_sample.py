@@ -14,8 +14,6 @@ overlap-key kernel's work.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import sys
 
 import torch
@@ -46,13 +44,6 @@ def overlap_pairs(batch) -> tuple[int, int]:
     return pairs, overlapping
 
 
-def training_default_options() -> dict:
-    """The `sample` arguments of `SamplerConfig()`, as bench_ops.py's main case passes them."""
-    config = SamplerConfig()
-    accepted = inspect.signature(overlap_sampler.sample).parameters
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in accepted}
-
-
 def main() -> int:
     if not (torch.cuda.is_available() and overlap_sampler.build_info["cuda"]):
         print("needs a GPU and a CUDA build")
@@ -60,7 +51,7 @@ def main() -> int:
     batch = make_batch([2000] * 16, [20] * 16, seed=0, device=torch.device("cuda"),
                        crowded_fraction=1 / 3, canvas=1000.0)
     generator = torch.Generator("cuda").manual_seed(0)
-    options = {**training_default_options(), "validate": False}
+    options = {**SamplerConfig().op_arguments(), "validate": False}
     for _ in range(WARMUP_CALLS):
         overlap_sampler.sample(*batch, generator=generator, **options)
     torch.cuda.synchronize()

@@ -49,6 +49,9 @@ def test_the_op_call_passes_every_op_setting_by_its_field_name():
     passed = {k.arg: ast.unparse(k.value) for k in calls[0].keywords}
     for name in settings:
         assert passed.get(name) == f"self.{name}", name
+    # op_arguments() (what the benchmarks pass) is exactly those settings, at the config's values.
+    config = SamplerConfig(num_bins=3, pos_weight=1.5)
+    assert config.op_arguments() == {name: getattr(config, name) for name in settings}
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

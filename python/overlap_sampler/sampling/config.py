@@ -161,6 +161,17 @@ class SamplerConfig:
         return dataclasses.replace(self, **{f.name: preset.get(f.name, f.default) for f in dataclasses.fields(self)
                                             if self.sampler not in f.metadata["used_by"]})
 
+    def op_arguments(self) -> dict[str, Any]:
+        """The settings that the ``overlap_sampler.sample`` op takes, by name, as the RoI head passes
+        them for the op's samplers (``overlap``, ``iou_balanced``): for benchmarks and scripts that call
+        the op as training does."""
+        import inspect
+
+        from ..ops import sample
+
+        accepted = inspect.signature(sample).parameters
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in accepted}
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (JSON/TOML friendly)."""
         return dataclasses.asdict(self)
