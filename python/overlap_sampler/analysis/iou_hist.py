@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..detection.diagnostics import IOU_EDGES, SampledBatch, SamplerDiagnostics, sampler_diagnostics
+from ..detection.diagnostics import IOU_EDGES, SampledBatch, SamplerDiagnostics, histogram, sampler_diagnostics
 from ..io_safety import atomic_write, check_not_inputs, prepare_output_dir, write_figure, write_text
 from ..sampling.config import BUDGET_FIELDS, SAMPLERS, SamplerConfig
 
@@ -60,15 +60,6 @@ CSV_COLUMNS = ("sampler", "bin_low", "bin_high", "neg_count", "neg_share", "pos_
 
 
 # ---------------------------------------------------------------------- histograms and tables
-def histogram(values: np.ndarray | Tensor, edges: Sequence[float] = IOU_EDGES) -> np.ndarray:
-    """int64 counts of ``values`` (IoUs) in the bins of ``edges``: ``[lo, hi)``, the last one
-    ``[lo, hi]``. Values outside ``[edges[0], edges[-1]]`` (rounding past 1) count in the end bins."""
-    values = values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
-    edges = np.asarray(edges, dtype=np.float64)
-    counts, _ = np.histogram(np.clip(values.astype(np.float64), edges[0], edges[-1]), bins=edges)
-    return counts.astype(np.int64)
-
-
 def shares(counts: np.ndarray) -> np.ndarray:
     """``counts`` as fractions of their total (all 0 when there is nothing to count)."""
     counts = np.asarray(counts, dtype=np.float64)

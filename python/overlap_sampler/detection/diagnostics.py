@@ -37,6 +37,16 @@ IOU_EDGES = np.linspace(0.0, 1.0, 11)
 SHARE_PREFIX = "neg_share_iou_pn_"
 
 
+def histogram(values: np.ndarray | Tensor, edges=IOU_EDGES) -> np.ndarray:
+    """int64 counts of ``values`` (IoUs) in the bins of ``edges``: ``[lo, hi)``, the last one
+    ``[lo, hi]``. Values outside ``[edges[0], edges[-1]]`` (rounding past 1) count in the end bins.
+    The diagnostics' CSV shares and ``analyze iou-hist`` both count with it."""
+    values = values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
+    edges = np.asarray(edges, dtype=np.float64)
+    counts, _ = np.histogram(np.clip(values.astype(np.float64), edges[0], edges[-1]), bins=edges)
+    return counts.astype(np.int64)
+
+
 class SampledBatch(NamedTuple):
     """One training batch as the RoI head sampled it, in the ``sample`` op's layout (``docs/ops.md``).
 
@@ -136,7 +146,7 @@ class SamplerDiagnostics:
         for name, mask in (("neg", neg), ("pos", pos)):
             counts = np.bincount(self.bin[mask], minlength=self.num_bins)
             row.update({f"{name}_bin{k}_per_image": counts[k] / images for k in range(self.num_bins)})
-        counts, _ = np.histogram(self.key[neg], bins=IOU_EDGES)
+        counts = histogram(self.key[neg])
         share = counts / max(int(neg.sum()), 1)
         row.update({f"{SHARE_PREFIX}{lo:.1f}_{hi:.1f}": float(s)
                     for lo, hi, s in zip(IOU_EDGES[:-1], IOU_EDGES[1:], share)})
