@@ -5,8 +5,9 @@ canvas), averaged over the batch's images:
 
 * positives (GT copies included) and negatives, matched at IoU 0.5 as the op does by default;
 * the positive x negative pairs;
-* *swept*: the pairs the CPU's fused pass computes, the negatives whose x1 lies in
-  [x1 - widest negative, x2) of a positive (overlap_sweep.h's window);
+* *swept*: the pairs the CPU's pass of the keys computes (one pass for both classes' keys when both
+  are drawn, else the negatives' pass), the negatives whose x1 lies in [x1 - widest negative, x2) of a
+  positive: overlap_sweep.h's window, less its rounding margin below (a few pairs at most);
 * *overlapping*: the pairs with IoU > 0. Each of them can set a key, so no exact pruning by
   position alone can skip them: they are the floor of a spatial pruning rule;
 * M, the largest IoU of a pair: the soft strategy's bins split [0, M].
@@ -65,8 +66,8 @@ def to_markdown(rows: list[dict]) -> str:
     lines = ["# What the CPU's overlap keys compute, per image", "",
              "`python benchmarks/sweep_work.py`: bench_ops.py's batches (a third of the proposals around the GT "
              "boxes, the rest uniform on a 1000 px canvas, boxes up to half of it wide), means over the batch's "
-             "images. *swept*: pairs the CPU's fused pass computes (window [x1 - widest negative, x2) of each "
-             "positive); *overlapping*: pairs with IoU > 0, the floor of any exact pruning by position; M: "
+             "images. *swept*: pairs the CPU's pass of the keys computes (window [x1 - widest negative, x2) of each "
+             "positive, less the sweep's rounding margin); *overlapping*: pairs with IoU > 0, the floor of any exact pruning by position; M: "
              "the largest IoU of a pair.", "",
              "| B | N | G | positives | negatives | pairs | swept | overlapping | swept / pairs | overlapping / swept "
              "| M |", "|---|---|---|---|---|---|---|---|---|---|---|"]

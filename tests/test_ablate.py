@@ -4,6 +4,7 @@ runs (benchmarks/sampler_ab.py's too), the report's statistics, failures, and a 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import statistics
 from pathlib import Path
@@ -232,7 +233,8 @@ def test_the_committed_table2_grid_is_valid(train):
         train.check(variant, [], 0)
     # eps_2_nms_0.5 differs from eps_2 (the overlap preset) only in the test NMS: not trained again.
     configs = [train.check(v, [], 0) for v in variants]
-    assert ablate.evaluation_variants(variants, configs) == {"eps_2_nms_0.5": ("eps_2", ("--box-nms-thresh", "0.5"))}
+    assert {name: (e.base, e.eval_flags[:2]) for name, e in ablate.evaluation_variants(variants, configs).items()} \
+        == {"eps_2_nms_0.5": ("eps_2", ("--box-nms-thresh", "0.5"))}
 
 
 # ---------------------------------------------------------------------- evaluation-only variants
@@ -243,17 +245,80 @@ def test_variants_that_differ_only_in_test_settings_are_evaluations(train):
                 ablate.Variant("soft_again", ("--neg-strategy", "soft")),
                 ablate.Variant("uniform_nms_0.3", ("--neg-strategy", "uniform", "--box-nms-thresh", "0.3"))]
     configs = [train.check(v, shlex.split(TRAIN_ARGS), 0) for v in variants]
-    assert ablate.evaluation_variants(variants, configs) == {
-        "soft_nms": ("soft", ("--box-nms-thresh", "0.5")),
-        "soft_again": ("soft", ("--box-nms-thresh", "0.55")),  # the same training: evaluated, not repeated
+    evaluations = ablate.evaluation_variants(variants, configs)
+    # As training's final evaluation: its batch size and device.
+    assert evaluations == {
+        "soft_nms": ablate.Evaluation("soft", ("--box-nms-thresh", "0.5", "--batch-size", "4", "--device", "auto"),
+                                      "eval_last_checkpoint_nms0.5.json"),
+        # The same training: evaluated, not repeated.
+        "soft_again": ablate.Evaluation("soft", ("--box-nms-thresh", "0.55", "--batch-size", "4", "--device",
+                                                 "auto"), "eval_last_checkpoint_nms0.55.json"),
         # Its base is the first trained variant with its training (uniform_nms), not an evaluation.
-        "uniform_nms_0.3": ("uniform_nms", ("--box-nms-thresh", "0.3")),
+        "uniform_nms_0.3": ablate.Evaluation("uniform_nms", ("--box-nms-thresh", "0.3", "--batch-size", "4",
+                                                             "--device", "auto"), "eval_last_checkpoint_nms0.3.json"),
     }
-    runs = ablate.plan(variants, [0, 1], [], Path("/nonexistent/runs"), ablate.evaluation_variants(variants, configs))
+    runs = ablate.plan(variants, [0, 1], [], Path("/nonexistent/runs"), evaluations)
     by = {(r.variant.name, r.seed): r for r in runs}
     assert by["soft_nms", 1].base is by["soft", 1] and by["soft", 1].base is None
     assert by["soft_nms", 1].command()[3:7] == ["eval", "--checkpoint", "/nonexistent/runs/soft-seed1/"
                                                 "last_checkpoint.pth", "--box-nms-thresh"]
+    assert by["soft_nms", 1].settings == {"train_flags": ["--box-nms-thresh", "0.5", "--neg-strategy", "soft"],
+                                          "seed": 1, "evaluates": "soft-seed1",
+                                          "eval_flags": list(evaluations["soft_nms"].eval_flags)}
+
+
+def test_folders_of_trainings_and_evaluations_are_not_taken_for_each_other(tmp_path, no_training, capsys):
+    """An evaluation's folder records what it evaluated: after the variants are reordered (or the base is
+    dropped) the variant would be trained, and its folder is refused, not read as a training."""
+    runs = tmp_path / "runs"
+    write_run(runs / "plain-seed0", shlex.split(TRAIN_ARGS), 0.30)
+    (runs / "plain-seed0" / "last_checkpoint.pth").write_bytes(b"a checkpoint")
+    nms_flags = ["--box-nms-thresh", "0.5", *shlex.split(TRAIN_ARGS)]
+    write_run(runs / "nms-seed0", nms_flags, 0.32)
+    record = {"train_flags": nms_flags, "seed": 0, "evaluates": "plain-seed0",
+              "eval_flags": ["--box-nms-thresh", "0.5", "--batch-size", "4", "--device", "auto"]}
+    (runs / "nms-seed0" / "ab_settings.json").write_text(json.dumps(record))
+    (runs / "nms-seed0" / "metrics.json").unlink()  # an evaluation has none
+    in_order = ("--variant", "plain=", "--variant", "nms=--box-nms-thresh 0.5", "--seeds", "0")
+    assert run_ablate(tmp_path, *in_order) == 0
+    assert "`nms` is not trained" in capsys.readouterr().out
+    for argv in [("--variant", "nms=--box-nms-thresh 0.5", "--variant", "plain=", "--seeds", "0"),
+                 ("--variant", "nms=--box-nms-thresh 0.5", "--seeds", "0")]:
+        assert run_ablate(tmp_path, *argv) == 2
+        assert f"{runs / 'nms-seed0'} holds a run of other settings" in capsys.readouterr().err
+
+
+def test_an_evaluation_whose_base_was_trained_again_is_repeated(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    write_run(runs / "plain-seed0", shlex.split(TRAIN_ARGS), 0.30)
+    checkpoint = runs / "plain-seed0" / "last_checkpoint.pth"
+    checkpoint.write_bytes(b"a checkpoint")
+    argv = ("--variant", "plain=", "--variant", "nms=--box-nms-thresh 0.5", "--seeds", "0", "--jobs", "2")
+    done = []
+
+    def evaluate(run):  # what train_run leaves for an evaluation
+        assert run.base is not None, f"{run.run_dir} was trained"
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "ab_settings.json").write_text(json.dumps(run.settings))
+        (run.run_dir / "eval.json").write_text((run.base.run_dir / "eval.json").read_text())
+        done.append(run.run_dir.name)
+        return 1.0
+
+    monkeypatch.setattr(ablate, "train_run", evaluate)
+    assert run_ablate(tmp_path, *argv) == 0 and done == ["nms-seed0"]
+    assert run_ablate(tmp_path, *argv) == 0 and done == ["nms-seed0"]  # read, not repeated
+    later = (runs / "nms-seed0" / "eval.json").stat().st_mtime + 10
+    os.utime(checkpoint, (later, later))  # the base trained again after the evaluation
+    assert run_ablate(tmp_path, *argv) == 0 and done == ["nms-seed0", "nms-seed0"]
+
+
+def test_a_failed_evaluation_names_its_log(tmp_path, capsys):
+    # The base is finished but its checkpoint is gone: `eval` fails and the ablation says where to look.
+    write_run(tmp_path / "runs" / "plain-seed0", shlex.split(TRAIN_ARGS), 0.30)
+    assert run_ablate(tmp_path, "--variant", "plain=", "--variant", "nms=--box-nms-thresh 0.5", "--seeds", "0") == 1
+    log = tmp_path / "runs" / "nms-seed0" / "stdout.log"
+    assert f"nms seed 0 failed (exit 2): see {log}" in capsys.readouterr().err
+    assert "last_checkpoint.pth" in log.read_text()
 
 
 def test_an_evaluation_variant_end_to_end(tmp_path, tiny_train_args, monkeypatch):
@@ -268,22 +333,26 @@ def test_an_evaluation_variant_end_to_end(tmp_path, tiny_train_args, monkeypatch
     assert (runs / "plain-seed0" / "last_checkpoint.pth").exists()
     assert not list((runs / "nms_0.3-seed0").glob("*.pth"))  # evaluated, not trained
     saved = json.loads((tmp_path / "out" / "nms.json").read_text())
-    assert saved["evaluations"] == {"nms_0.3": {"checkpoints_of": "plain", "eval_flags": ["--box-nms-thresh", "0.3"]}}
+    assert saved["evaluations"] == {"nms_0.3": {"checkpoints_of": "plain", "eval_flags": [
+        "--box-nms-thresh", "0.3", "--batch-size", "4", "--device", "cpu"]}}  # the run's eval batch and device
     plain, evaluated = saved["runs"]
     assert evaluated["seconds_per_iter"] == plain["seconds_per_iter"]
     expected = evaluate_checkpoint(str(runs / "plain-seed0" / "last_checkpoint.pth"), output_dir=str(tmp_path / "e"),
-                                   box_nms_thresh=0.3, progress=False)
-    assert evaluated["bbox"]["AP"] == pytest.approx(100 * expected["bbox"]["AP"])
+                                   box_nms_thresh=0.3, batch_size=4, progress=False)
+    assert evaluated["bbox"] == pytest.approx({k: 100 * v if v >= 0 else None for k, v in expected["bbox"].items()},
+                                              abs=0.1)  # this process's threads round differently
     assert "`nms_0.3` is not trained" in (tmp_path / "out" / "nms.md").read_text()
 
-    # Trained for real, the variant's weights are the base's bit for bit: only its evaluation differs.
+    # Trained for real, the variant's weights are the base's bit for bit, and its final evaluation is
+    # the ablation's evaluation of the base's checkpoint, number for number.
     trained = tmp_path / "trained"
     assert cli_main(["train", *shlex.split(tiny_train_args), "--box-nms-thresh", "0.3", "--seed", "0",
                      "--threads", "1", "--no-progress", "--output-dir", str(trained)]) == 0
     a = torch.load(runs / "plain-seed0" / "last_checkpoint.pth", map_location="cpu", weights_only=False)["model"]
     b = torch.load(trained / "last_checkpoint.pth", map_location="cpu", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((trained / "eval.json").read_text())["bbox"]["AP"] == pytest.approx(expected["bbox"]["AP"])
+    own = json.loads((trained / "eval.json").read_text())["bbox"]
+    assert evaluated["bbox"] == {k: 100 * v if v >= 0 else None for k, v in own.items()}
 
     # Read again, not repeated.
     monkeypatch.setattr(ablate, "train_run", lambda run: pytest.fail(f"{run.run_dir} ran again"))

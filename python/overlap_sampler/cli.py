@@ -240,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "and with its candidates' scores replaced before NMS by the oracle of "
                                          "IoU-balanced sampling (negatives 0), ISR (positives: their IoU with "
                                          "the GT) and the overlap sampler (candidates overlapping another of "
-                                         "their class above the NMS threshold: their IoU with the GT). Writes "
-                                         "upper_bound.json and upper_bound.md.")
+                                         "their class above the NMS threshold: their IoU with the GT; a second "
+                                         "row scores the overlapped negatives 0). Writes upper_bound.json and "
+                                         "upper_bound.md.")
     ub.add_argument("--checkpoint", required=True, help="a checkpoint written by `train`")
     add_eval_data_arguments(ub)
     ub.add_argument("--output-dir", help="where upper_bound.json and upper_bound.md go [analysis/ beside the "

@@ -18,8 +18,9 @@ Variants, in this order (the first is the baseline unless --baseline names anoth
   --grid KEY=V1,V2 ...   the cartesian product; KEY is a train setting name (num_bins for --num-bins,
                          sampler for --sampler); a variant is named key=value,key=value.
 
-Every run is `overlap-sampler train <variant's flags> <--train-args> --seed N --threads 1
---no-progress --resume auto --output-dir <runs-dir>/<name>-seed<N>`, `--jobs` at a time. Its
+Every run (but the evaluations below) is `overlap-sampler train <variant's flags> <--train-args>
+--seed N --threads 1 --no-progress --resume auto --output-dir <runs-dir>/<name>-seed<N>`, `--jobs`
+at a time. Its
 folder records the settings (ab_settings.json): a run whose eval.json exists is read, not
 repeated, so an interrupted ablation continues; a folder left by other settings is refused. Every
 variant's command line is parsed and its TrainConfig built before any run starts, so an unknown
@@ -28,8 +29,10 @@ cancelled) and names its log. Writes <out>/<name>.md and <out>/<name>.json.
 
 A variant whose TrainConfig differs from an earlier variant's only in settings that training never
 reads (EVAL_SETTINGS: the RoI head's test NMS threshold) is not trained again: once the trainings
-are done, `overlap-sampler eval --box-nms-thresh T` scores that variant's checkpoint at each seed
-into its own folder (the paper's Table 2c: one model, several test NMS thresholds).
+are done, `overlap-sampler eval --box-nms-thresh T` scores the earlier variant's checkpoint of each
+seed into the variant's own folder, as training's final evaluation runs (batch size, device, one
+thread); its record names what it evaluated, and a base trained again is evaluated again. The
+paper's Table 2c varies the test NMS of one model this way.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ PRESETS = {name: ("--sampler", name)
            for name in ("random", *(s for s in SAMPLERS if s not in ("random", "overlap")), "overlap")}
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 KINDS = ("bbox", "segm")
-SETTINGS_FILE = "ab_settings.json"
-CHECKPOINT = "last_checkpoint.pth"  # what a finished `train` run leaves  # the name benchmarks/sampler_ab.py gave it: its runs are reused
+SETTINGS_FILE = "ab_settings.json"  # the name benchmarks/sampler_ab.py gave it: its runs are reused
+CHECKPOINT = "last_checkpoint.pth"  # what a finished `train` run leaves
 # What ablate itself sets for every run: a variant may not.
 RUN_SETTINGS = {"seed": "--seeds", "threads": "one thread a run", "progress": "--no-progress",
                 "resume": "--resume auto", "output_dir": "--runs-dir"}
@@ -86,32 +89,52 @@ class Variant:
 
 
 @dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """How a variant that trains as an earlier one is scored instead: ``base``'s checkpoints, with
+    ``eval_flags``; `eval` names its output ``metrics_file``."""
+
+    base: str
+    eval_flags: tuple[str, ...]
+    metrics_file: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
     """One (variant, seed) run and its folder: a training run, or (``base`` given) the evaluation
-    of ``base``'s checkpoint with ``eval_flags``, when training would repeat ``base``'s."""
+    of ``base``'s checkpoint, when training would repeat ``base``'s."""
 
     variant: Variant
     seed: int
     run_dir: Path
     train_flags: tuple[str, ...]  # the variant's flags, then the flags common to every run
     base: Optional["Run"] = None
-    eval_flags: tuple[str, ...] = ()
+    evaluation: Optional[Evaluation] = None
 
     @property
     def settings(self) -> dict[str, Any]:
-        """What ``ab_settings.json`` records."""
-        return {"train_flags": list(self.train_flags), "seed": self.seed}
+        """What ``ab_settings.json`` records; an evaluation also records what it evaluated and how, so
+        that its folder and a training's are never taken for each other."""
+        record: dict[str, Any] = {"train_flags": list(self.train_flags), "seed": self.seed}
+        if self.base is not None:
+            record.update(evaluates=self.base.run_dir.name, eval_flags=list(self.evaluation.eval_flags))
+        return record
 
     def command(self) -> list[str]:
         if self.base is not None:
             return [sys.executable, "-m", "overlap_sampler.cli", "eval", "--checkpoint",
-                    str(self.base.run_dir / CHECKPOINT), *self.eval_flags, "--output-dir", str(self.run_dir),
-                    "--no-progress"]
+                    str(self.base.run_dir / CHECKPOINT), *self.evaluation.eval_flags, "--output-dir",
+                    str(self.run_dir), "--no-progress"]
         run = run_flags(self.seed, self.run_dir)
         return [sys.executable, "-m", "overlap_sampler.cli", "train", *self.train_flags, *run]
 
     def finished(self) -> bool:
-        return (self.run_dir / "eval.json").exists()
+        """eval.json is there (for an evaluation: written after its base's checkpoint, so a base trained
+        again is evaluated again)."""
+        done = self.run_dir / "eval.json"
+        if self.base is None or not done.exists():
+            return done.exists()
+        checkpoint = self.base.run_dir / CHECKPOINT
+        return checkpoint.exists() and done.stat().st_mtime >= checkpoint.stat().st_mtime
 
 
 def run_flags(seed: int, run_dir: Path | str) -> list[str]:
@@ -314,17 +337,21 @@ def toml_variants(path: str, train: TrainCommandLine) -> list[Variant]:
 
 
 # ---------------------------------------------------------------------- runs
-def evaluation_variants(variants: Sequence[Variant], configs: Sequence[Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """``{variant name: (base variant name, eval flags)}`` for every variant whose TrainConfig (``configs``,
-    one per variant, at one seed) equals an earlier trained variant's but for :data:`EVAL_SETTINGS`:
-    its training would be the base's, so the base's checkpoints are evaluated with its own values."""
-    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+def evaluation_variants(variants: Sequence[Variant], configs: Sequence[Any]) -> dict[str, Evaluation]:
+    """``{variant name: Evaluation}`` for every variant whose TrainConfig (``configs``, one per variant, at
+    one seed) equals an earlier trained variant's but for :data:`EVAL_SETTINGS`: its training would be
+    the base's, so the base's checkpoints are evaluated with its own values, as training's final
+    evaluation runs (its evaluation batch size and device; one thread, see :func:`train_run`)."""
+    from ..engine.evaluate import metrics_file_name
+
+    out: dict[str, Evaluation] = {}
     trained: list[tuple[Variant, Any]] = []
     for variant, config in zip(variants, configs):
         for base, base_config in trained:
             if dataclasses.replace(config, **{k: getattr(base_config, k) for k in EVAL_SETTINGS}) == base_config:
                 flags = tuple(x for k, flag in EVAL_SETTINGS.items() for x in (flag, str(getattr(config, k))))
-                out[variant.name] = (base.name, flags)
+                flags += ("--batch-size", str(config.eval_batch_size), "--device", config.device)
+                out[variant.name] = Evaluation(base.name, flags, metrics_file_name(CHECKPOINT, config.box_nms_thresh))
                 break
         else:
             trained.append((variant, config))
@@ -332,7 +359,7 @@ def evaluation_variants(variants: Sequence[Variant], configs: Sequence[Any]) -> 
 
 
 def plan(variants: Sequence[Variant], seeds: Sequence[int], common: Sequence[str], runs_dir: Path,
-         evaluations: Optional[Mapping[str, tuple[str, tuple[str, ...]]]] = None) -> list[Run]:
+         evaluations: Optional[Mapping[str, Evaluation]] = None) -> list[Run]:
     """Every (seed, variant) run, seed by seed (``evaluations``: see :func:`evaluation_variants`);
     ``ValueError`` naming each folder that holds a run of other settings (or an unrecorded one): its
     results would be reported under this command line."""
@@ -341,9 +368,9 @@ def plan(variants: Sequence[Variant], seeds: Sequence[int], common: Sequence[str
     for s in seeds:
         trained = {}
         for v in variants:
-            base, eval_flags = evaluations.get(v.name, (None, ()))
+            evaluation = evaluations.get(v.name)
             run = Run(v, s, Path(runs_dir) / f"{v.name}-seed{s}", (*v.flags, *common),
-                      trained[base] if base else None, eval_flags)
+                      trained[evaluation.base] if evaluation else None, evaluation)
             trained[v.name] = run
             runs.append(run)
     refused = []
@@ -372,14 +399,16 @@ def train_run(run: Run) -> float:
     write_json(str(run.run_dir / SETTINGS_FILE), run.settings)
     start = time.perf_counter()
     log = run.run_dir / "stdout.log"
+    # An evaluation runs on one thread, as training's final evaluation did (--threads 1): the same
+    # arithmetic, and no oversubscription beside the other jobs.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if run.base is not None else None
     with open(log, "w") as out:
-        proc = subprocess.run(run.command(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.run(run.command(), stdout=out, stderr=subprocess.STDOUT, env=env)
     if run.base is not None and proc.returncode == 0:
-        from ..engine.evaluate import metrics_file_name
-
-        written = run.run_dir / metrics_file_name(CHECKPOINT, float(run.eval_flags[-1]))
-        if written.exists():
-            os.replace(written, run.run_dir / "eval.json")  # what read_run and finished() look for
+        written = run.run_dir / run.evaluation.metrics_file
+        if not written.exists():
+            raise AblationError(f"{run.variant.name} seed {run.seed}: `eval` wrote no {written.name}: see {log}")
+        os.replace(written, run.run_dir / "eval.json")  # what read_run and finished() look for
     if proc.returncode != 0 or not run.finished():
         raise AblationError(f"{run.variant.name} seed {run.seed} failed (exit {proc.returncode}): see {log}\n"
                             f"command: {shlex.join(run.command())}")
@@ -477,7 +506,7 @@ def _cell(stats: dict[str, Any] | None, sign: str = "") -> str:
 
 def report(summary: dict, variants: Sequence[Variant], seeds: Sequence[int], common: Sequence[str],
            baseline: str, title: str,
-           evaluations: Optional[Mapping[str, tuple[str, tuple[str, ...]]]] = None) -> str:
+           evaluations: Optional[Mapping[str, Evaluation]] = None) -> str:
     """The markdown tables of ``summarize``'s numbers: per kind, one row per variant, then the AP of each run;
     which variants are evaluations of another's checkpoints (``evaluations``, see :func:`evaluation_variants`)."""
     lines = [f"# {title}: {len(variants)} variants × {len(seeds)} seeds (seeds {', '.join(map(str, seeds))})", "",
@@ -487,9 +516,10 @@ def report(summary: dict, variants: Sequence[Variant], seeds: Sequence[int], com
              "(mean ± std); wins: in how many seeds the variant's AP is higher. s/iter: training seconds per "
              "iteration (evaluation excluded), mean over seeds, of runs side by side on one machine: compare "
              "them within one table only.", ""]
-    for name, (base, flags) in (evaluations or {}).items():
-        lines += [f"`{name}` is not trained: its settings train as `{base}`'s, so `{base}`'s checkpoint of each "
-                  f"seed is evaluated with `{shlex.join(flags)}` (its s/iter are `{base}`'s).", ""]
+    for name, e in (evaluations or {}).items():
+        lines += [f"`{name}` is not trained: its settings train as `{e.base}`'s, so `{e.base}`'s checkpoint of "
+                  f"each seed is evaluated with `overlap-sampler eval {shlex.join(e.eval_flags)}` on one thread "
+                  f"(its s/iter are `{e.base}`'s).", ""]
     for kind, table in summary.items():
         lines += [f"## {kind}", "", "| variant | flags | " + " | ".join(METRICS) + f" | Δ AP vs `{baseline}` | wins "
                   "| s/iter |", "|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
@@ -582,8 +612,8 @@ def ablate(args: argparse.Namespace, train: TrainCommandLine) -> dict[str, Any]:
     table = report(summary, variants, args.seeds, common, baseline, f"Ablation `{args.name}`", evaluations)
     saved = {"name": args.name, "train_args": common, "seeds": args.seeds, "baseline": baseline,
              "variants": [{"name": v.name, "flags": list(v.flags)} for v in variants],
-             "evaluations": {name: {"checkpoints_of": base, "eval_flags": list(flags)}
-                             for name, (base, flags) in evaluations.items()},
+             "evaluations": {name: {"checkpoints_of": e.base, "eval_flags": list(e.eval_flags)}
+                             for name, e in evaluations.items()},
              "runs": results, "summary": summary}
     write_text(str(args.out / f"{args.name}.md"), table)
     write_json(str(args.out / f"{args.name}.json"), saved, indent=1)

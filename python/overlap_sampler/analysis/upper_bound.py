@@ -144,7 +144,7 @@ def rescore(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Tensor, gt_
         gt_boxes: float [G, 4] x1y1x2y2, in the frame of ``boxes`` (crowd regions left out).
         gt_labels: int64 [G], 1..C.
         oracle: one of :data:`ORACLES`.
-        nms_thresh: the test NMS IoU threshold (paper: the model's own); used by ``"overlap"``.
+        nms_thresh: the test NMS IoU threshold (paper: the model's own); used by ``"overlap"`` and ``"overlap_neg0"``.
         positive_iou: IoU_g,e from which a candidate is positive.
 
     Returns:
