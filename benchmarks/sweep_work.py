@@ -67,8 +67,8 @@ def to_markdown(rows: list[dict]) -> str:
              "`python benchmarks/sweep_work.py`: bench_ops.py's batches (a third of the proposals around the GT "
              "boxes, the rest uniform on a 1000 px canvas, boxes up to half of it wide), means over the batch's "
              "images. *swept*: pairs the CPU's pass of the keys computes (window [x1 - widest negative, x2) of each "
-             "positive, less the sweep's rounding margin); *overlapping*: pairs with IoU > 0, the floor of any exact pruning by position; M: "
-             "the largest IoU of a pair.", "",
+             "positive, less the sweep's rounding margin); *overlapping*: pairs with IoU > 0, the floor of any "
+             "exact pruning by position; M: the largest IoU of a pair.", "",
              "| B | N | G | positives | negatives | pairs | swept | overlapping | swept / pairs | overlapping / swept "
              "| M |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

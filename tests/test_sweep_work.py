@@ -32,7 +32,8 @@ def test_counts_equal_a_brute_force(sweep_work, seed, monkeypatch):
     iou = box_iou(positives, negatives)
     widest = (negatives[:, 2] - negatives[:, 0]).max()
     # Negative n is in positive p's window when x1_n is in [x1_p - widest, x2_p).
-    in_window = (negatives[None, :, 0] >= positives[:, None, 0] - widest) & (negatives[None, :, 0] < positives[:, None, 2])
+    x1 = negatives[None, :, 0]
+    in_window = (x1 >= positives[:, None, 0] - widest) & (x1 < positives[:, None, 2])
     assert work["positives"] == len(positives) > len(gt) and work["negatives"] == len(negatives) > 0
     assert work["pairs"] == len(positives) * len(negatives)
     assert work["swept"] == int(in_window.sum())
